@@ -1,0 +1,347 @@
+// Command cortex-extproc is the LLM routing service that Envoy consults
+// through its ext_proc filter. See the README for configuration.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/helexa/cortex-extproc/catalogue"
+	"github.com/helexa/cortex-extproc/config"
+	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/service"
+)
+
+// Set by -ldflags "-X main.version=… -X main.commit=…".
+var (
+	version = "dev"
+	commit  = ""
+)
+
+// errProblems makes validate exit 1 after printing its own report.
+var errProblems = errors.New("problems found")
+
+func main() {
+	if err := rootCmd().Execute(); err != nil {
+		if !errors.Is(err, errProblems) {
+			fmt.Fprintln(os.Stderr, "cortex-extproc:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+func rootCmd() *cobra.Command {
+	var cfgFile string
+	root := &cobra.Command{
+		Use:           "cortex-extproc",
+		Short:         "LLM routing for Envoy: picks (and cold-loads) the neuron for each request via ext_proc",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE:          func(cmd *cobra.Command, _ []string) error { return serve(cmd.Context(), cfgFile) },
+	}
+	root.PersistentFlags().StringVar(&cfgFile, "config", "", "config file (TOML, YAML or JSON); embedded defaults when empty")
+
+	root.AddCommand(&cobra.Command{
+		Use:   "serve",
+		Short: "Run the service",
+		Args:  cobra.NoArgs,
+		RunE:  func(cmd *cobra.Command, _ []string) error { return serve(cmd.Context(), cfgFile) },
+	})
+
+	var catFile string
+	validate := &cobra.Command{
+		Use:   "validate",
+		Short: "Check the config and the catalogue; print every problem, exit 1 if any",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return validateCmd(cmd.OutOrStdout(), cfgFile, catFile)
+		},
+	}
+	validate.Flags().StringVar(&catFile, "catalogue", "", "check this catalogue file (alone, or instead of the config's models_config)")
+	root.AddCommand(validate)
+
+	var model string
+	var asJSON bool
+	route := &cobra.Command{
+		Use:   "route",
+		Short: "Poll the fleet once and print the decision a request for --model would get (loads and evicts nothing)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return routeCmd(cmd.Context(), cmd.OutOrStdout(), cfgFile, model, asJSON)
+		},
+	}
+	route.Flags().StringVar(&model, "model", "", "model id or alias, as a client would send it")
+	route.Flags().BoolVar(&asJSON, "json", false, "print the decision as JSON")
+	_ = route.MarkFlagRequired("model")
+	root.AddCommand(route)
+
+	root.AddCommand(&cobra.Command{
+		Use:   "version",
+		Short: "Print version, commit and Go version",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			fmt.Fprintf(cmd.OutOrStdout(), "cortex-extproc %s (commit %s, %s)\n", version, buildCommit(), runtime.Version())
+		},
+	})
+	return root
+}
+
+func buildCommit() string {
+	if commit != "" {
+		return commit
+	}
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range info.Settings {
+			if s.Key == "vcs.revision" {
+				return s.Value
+			}
+		}
+	}
+	return "unknown"
+}
+
+func serve(ctx context.Context, cfgFile string) error {
+	res, err := config.Load(cfgFile)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(res.Config.Log, os.Stderr)
+	if err != nil {
+		return err
+	}
+	slog.SetDefault(log)
+	if cfgFile == "" {
+		log.Warn("no --config given: running on embedded defaults with no neurons configured")
+	}
+	for _, k := range res.Unknown {
+		log.Warn("unknown config key ignored; check its spelling", "key", k, "file", cfgFile)
+	}
+	if ps := res.Config.Validate(); len(ps) > 0 {
+		for _, p := range ps {
+			log.Error("config problem", "key", p.Key, "problem", p.Message)
+		}
+		return fmt.Errorf("config %s has %d problem(s); run `cortex-extproc validate --config %s`", cfgFile, len(ps), cfgFile)
+	}
+	svc, err := service.New(res.Config, log)
+	if err != nil {
+		return err
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	return svc.Run(ctx)
+}
+
+// newLogger is JSON when stderr is not a terminal (containers, journald),
+// text on a terminal, unless log.format says otherwise.
+func newLogger(c config.Log, w *os.File) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(strings.ToUpper(strings.Replace(c.Level, "warning", "warn", 1)))); err != nil {
+		return nil, fmt.Errorf("log.level %q: use debug, info, warn or error", c.Level)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	format := c.Format
+	if format == "" || format == "auto" {
+		format = "json"
+		if st, err := w.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
+			format = "text"
+		}
+	}
+	if format == "text" {
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return slog.New(slog.NewJSONHandler(w, opts)), nil
+}
+
+func validateCmd(out io.Writer, cfgFile, catFile string) error {
+	var problems []string
+	models := 0
+	neurons := 0
+	if cfgFile != "" {
+		res, err := config.Load(cfgFile)
+		if err != nil {
+			fmt.Fprintf(out, "%v\n", err)
+			return errProblems
+		}
+		for _, k := range res.Unknown {
+			problems = append(problems, fmt.Sprintf("%s: %s: unknown key; check its spelling (see README, Configuration)", cfgFile, k))
+		}
+		if catFile != "" {
+			res.Config.ModelsConfig = catFile
+		}
+		for _, p := range res.Config.Validate() {
+			problems = append(problems, fmt.Sprintf("%s: %s", cfgFile, p))
+		}
+		neurons = len(res.Config.Neurons)
+		if catFile == "" {
+			catFile = res.Config.ModelsConfig
+		}
+	} else if catFile == "" {
+		fmt.Fprintln(out, "nothing to validate: give --config FILE and/or --catalogue FILE")
+		return errProblems
+	}
+	if catFile != "" {
+		c, err := catalogue.LoadFile(catFile)
+		switch {
+		case err != nil:
+			var ve *catalogue.ValidationError
+			if errors.As(err, &ve) {
+				for _, p := range ve.Problems {
+					problems = append(problems, fmt.Sprintf("%s: %s: %s", catFile, p.Key, p.Message))
+				}
+			} else {
+				problems = append(problems, err.Error())
+			}
+		default:
+			models = len(c.Models())
+			for _, w := range c.Warnings() {
+				fmt.Fprintf(out, "warning: %s: %s: %s\n", catFile, w.Key, w.Message)
+			}
+		}
+	}
+	if len(problems) > 0 {
+		for _, p := range problems {
+			fmt.Fprintln(out, p)
+		}
+		fmt.Fprintf(out, "%d problem(s) found\n", len(problems))
+		return errProblems
+	}
+	fmt.Fprintf(out, "ok: %d neuron(s), %d catalogue model(s)\n", neurons, models)
+	return nil
+}
+
+// decisionView is what `route` prints.
+type decisionView struct {
+	Requested string     `json:"requested"`
+	Model     string     `json:"model"`
+	Node      string     `json:"node,omitempty"`
+	Cluster   string     `json:"cluster,omitempty"`
+	Endpoint  string     `json:"endpoint,omitempty"`
+	ColdStart bool       `json:"cold_start"`
+	Action    string     `json:"action"`
+	Load      *loadView  `json:"load,omitempty"`
+	Error     *errorView `json:"error,omitempty"`
+}
+
+type loadView struct {
+	Node  string   `json:"node"`
+	Evict []string `json:"evict"`
+}
+
+type errorView struct {
+	Status     int    `json:"status"`
+	Code       string `json:"code"`
+	Message    string `json:"message"`
+	RetryAfter int    `json:"retry_after,omitempty"`
+}
+
+func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON bool) error {
+	res, err := config.Load(cfgFile)
+	if err != nil {
+		return err
+	}
+	cfg := res.Config
+	cat := catalogue.Empty()
+	if cfg.ModelsConfig != "" {
+		if cat, err = catalogue.LoadFile(cfg.ModelsConfig); err != nil {
+			return err
+		}
+	}
+	var ns []fleet.Neuron
+	for _, n := range cfg.Neurons {
+		c, err := neuron.New(n.Name, n.Endpoint, nil)
+		if err != nil {
+			return fmt.Errorf("neurons %q: %w", n.Name, err)
+		}
+		ns = append(ns, fleet.Neuron{Name: n.Name, Cluster: n.ClusterName(), Endpoint: n.Endpoint, API: c})
+	}
+	// One round is all `route` needs: the threshold is 1 so a neuron that
+	// fails its single poll shows as unhealthy.
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	p := fleet.NewPoller(fleet.PollerConfig{Interval: time.Hour, Timeout: cfg.Poll.Timeout, FailureThreshold: 1}, ns, quiet)
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go p.Run(pctx)
+	select {
+	case <-p.Ready():
+	case <-time.After(cfg.Poll.Timeout + 5*time.Second):
+		return fmt.Errorf("the fleet poll did not finish within %s", cfg.Poll.Timeout+5*time.Second)
+	}
+	snap := p.Snapshot()
+	d, aerr := routing.Decide(cat, snap, model)
+	v := decisionView{Requested: model, Model: d.Model, Node: d.Node, Cluster: d.Cluster, Endpoint: d.Endpoint, ColdStart: d.ColdStart}
+	switch {
+	case aerr != nil:
+		v.Action = "error"
+	case d.Step == routing.StepLoaded:
+		v.Action = "route to a loaded replica"
+	case d.Step == routing.StepUnloaded:
+		v.Action = "route to the node that knows it; the neuron reloads it lazily"
+	case d.Step == routing.StepColdLoad:
+		usage := routing.NewUsage()
+		plan, perr := routing.Place(cat, snap, cat.Profile(d.Model), routing.PlacementState{
+			Failed:     func(string, string) bool { return false },
+			LastAccess: usage.LastAccess,
+			InFlight:   usage.InFlight,
+		})
+		if perr != nil {
+			aerr = perr
+			v.Action = "error"
+		} else {
+			v.Action = "cold load"
+			v.Node, v.Cluster = plan.Node, snap.Node(plan.Node).Cluster
+			v.Load = &loadView{Node: plan.Node, Evict: append([]string{}, plan.Evict...)}
+		}
+	}
+	if aerr != nil {
+		v.Error = &errorView{aerr.Status, aerr.Code, aerr.Message, aerr.RetryAfter}
+	}
+	if asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	fmt.Fprintf(out, "model:      %s", v.Requested)
+	if v.Model != v.Requested {
+		fmt.Fprintf(out, " (alias of %s)", v.Model)
+	}
+	fmt.Fprintln(out)
+	fmt.Fprintf(out, "decision:   %s\n", v.Action)
+	if v.Error != nil {
+		fmt.Fprintf(out, "error:      %d %s: %s", v.Error.Status, v.Error.Code, v.Error.Message)
+		if v.Error.RetryAfter > 0 {
+			fmt.Fprintf(out, " (Retry-After %d)", v.Error.RetryAfter)
+		}
+		fmt.Fprintln(out)
+		return nil
+	}
+	fmt.Fprintf(out, "node:       %s\ncluster:    %s\n", v.Node, v.Cluster)
+	if v.Endpoint != "" {
+		fmt.Fprintf(out, "endpoint:   %s\n", v.Endpoint)
+	}
+	fmt.Fprintf(out, "cold start: %t\n", v.ColdStart)
+	if v.Load != nil && len(v.Load.Evict) > 0 {
+		fmt.Fprintf(out, "would evict: %s\n", strings.Join(v.Load.Evict, ", "))
+	}
+	return nil
+}

@@ -1,0 +1,364 @@
+package envoy
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// Bounds the semantic checks enforce.
+const (
+	// MinIdleTimeout is the shortest route idle_timeout / HCM
+	// stream_idle_timeout (and non-zero route timeout) accepted: nothing
+	// reaches the HCM while a request waits on a cold load, which may last
+	// as long as the ext_proc override allows (≤ 1 h).
+	MinIdleTimeout = time.Hour
+	// MaxBodyBufferBytes bounds the buffered request body: it travels in one
+	// gRPC message, and cortex-extproc's server accepts 64 MiB messages
+	// (headers and framing need the last MiB).
+	MaxBodyBufferBytes = 63 << 20
+	// defaultMessageTimeout is Envoy's ext_proc message_timeout when unset.
+	defaultMessageTimeout = 200 * time.Millisecond
+	// defaultStreamIdleTimeout is Envoy's HCM stream_idle_timeout when unset.
+	defaultStreamIdleTimeout = 5 * time.Minute
+	// defaultMaxRequests is Envoy's circuit-breaker max_requests when unset.
+	defaultMaxRequests = 1024
+	// receivingNamespace is where cortex-extproc writes its dynamic metadata.
+	receivingNamespace = "cortex"
+)
+
+// CheckBootstrap runs the semantic checks cortex-extproc relies on and PGV
+// cannot express (envoy-ext-proc.md §10 layer 3). Each error names the field
+// path and what to change. It expects a bootstrap that passed
+// ValidateMessage; it does not repeat those checks.
+func CheckBootstrap(b *bootstrapv3.Bootstrap) error {
+	c := &checker{clusters: map[string]*clusterv3.Cluster{}}
+	for i, cl := range b.GetStaticResources().GetClusters() {
+		path := fmt.Sprintf("static_resources.clusters[%d](%s)", i, cl.GetName())
+		if _, dup := c.clusters[cl.GetName()]; dup {
+			c.addf(path, "duplicate cluster name %q: Envoy rejects the bootstrap", cl.GetName())
+		}
+		c.clusters[cl.GetName()] = cl
+		c.errs = append(c.errs, checkCluster(cl, path)...)
+	}
+	c.cds = b.GetDynamicResources().GetCdsConfig() != nil
+
+	for i, gs := range b.GetDynamicResources().GetAdsConfig().GetGrpcServices() {
+		path := fmt.Sprintf("dynamic_resources.ads_config.grpc_services[%d].envoy_grpc.cluster_name", i)
+		if name := gs.GetEnvoyGrpc().GetClusterName(); name != "" {
+			c.grpcCluster(path, name, false)
+		}
+	}
+
+	extProcs := 0
+	for li, l := range b.GetStaticResources().GetListeners() {
+		lpath := fmt.Sprintf("static_resources.listeners[%d](%s)", li, l.GetName())
+		chains := slices.Clone(l.GetFilterChains())
+		if l.GetDefaultFilterChain() != nil {
+			chains = append(chains, l.GetDefaultFilterChain())
+		}
+		for fci, fc := range chains {
+			for fi, f := range fc.GetFilters() {
+				hcm, ok := unpack[*hcmv3.HttpConnectionManager](f.GetTypedConfig())
+				if !ok {
+					continue
+				}
+				path := fmt.Sprintf("%s.filter_chains[%d].filters[%d].typed_config", lpath, fci, fi)
+				extProcs += c.checkHCM(path, lpath, l, hcm)
+			}
+		}
+	}
+	if extProcs == 0 {
+		c.addf("static_resources.listeners", "no envoy.filters.http.ext_proc filter in any HTTP connection manager: this Envoy would never ask cortex-extproc where to route")
+	}
+	return errors.Join(c.errs...)
+}
+
+// CheckCluster runs the cluster rules of CheckBootstrap on one cluster,
+// e.g. one cortex-extproc is about to serve over CDS.
+func CheckCluster(cl *clusterv3.Cluster) error {
+	return errors.Join(checkCluster(cl, fmt.Sprintf("cluster(%s)", cl.GetName()))...)
+}
+
+func checkCluster(cl *clusterv3.Cluster, path string) []error {
+	var errs []error
+	add := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s.%s: %s", path, field, fmt.Sprintf(format, args...)))
+	}
+	odc := cl.GetOriginalDstLbConfig()
+	if cl.GetType() == clusterv3.Cluster_ORIGINAL_DST {
+		if cl.GetLbPolicy() != clusterv3.Cluster_CLUSTER_PROVIDED {
+			add("lb_policy", "is %s; an ORIGINAL_DST cluster needs lb_policy: CLUSTER_PROVIDED", cl.GetLbPolicy())
+		}
+		if cl.GetLoadAssignment() != nil {
+			add("load_assignment", "must be absent on an ORIGINAL_DST cluster: its hosts come from each request")
+		}
+	} else {
+		if cl.GetLbPolicy() == clusterv3.Cluster_CLUSTER_PROVIDED && cl.GetClusterType() == nil {
+			add("lb_policy", "CLUSTER_PROVIDED is only valid on an ORIGINAL_DST cluster (this one is %s)", cl.GetType())
+		}
+		if odc != nil {
+			add("original_dst_lb_config", "set on a %s cluster; it only applies to type: ORIGINAL_DST", cl.GetType())
+		}
+	}
+	if odc.GetHttpHeaderName() != "" && !odc.GetUseHttpHeader() {
+		add("original_dst_lb_config.http_header_name", "%q is only read with use_http_header: true", odc.GetHttpHeaderName())
+	}
+	return errs
+}
+
+type checker struct {
+	errs     []error
+	clusters map[string]*clusterv3.Cluster
+	cds      bool
+}
+
+func (c *checker) addf(path, format string, args ...any) {
+	c.errs = append(c.errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+}
+
+// checkHCM checks one HTTP connection manager and returns how many ext_proc
+// filters it has. The inference-path checks (timeouts, body limit) apply
+// only to an HCM that runs ext_proc.
+func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv3.HttpConnectionManager) int {
+	var extProcs []*extprocv3.ExternalProcessor
+	routerAt := -1
+	for i, hf := range hcm.GetHttpFilters() {
+		fpath := fmt.Sprintf("%s.http_filters[%d](%s)", path, i, hf.GetName())
+		if ep, ok := unpack[*extprocv3.ExternalProcessor](hf.GetTypedConfig()); ok {
+			if routerAt >= 0 {
+				c.addf(fpath, "ext_proc comes after the router filter and never runs; put it before envoy.filters.http.router")
+			}
+			c.checkExtProc(fpath+".typed_config", ep)
+			extProcs = append(extProcs, ep)
+		}
+		if _, ok := unpack[*routerv3.Router](hf.GetTypedConfig()); ok {
+			routerAt = i
+		}
+	}
+	inference := len(extProcs) > 0
+
+	if inference {
+		if l.GetPerConnectionBufferLimitBytes() == nil {
+			c.addf(lpath+".per_connection_buffer_limit_bytes",
+				"unset: Envoy buffers at most 1 MiB of request body for ext_proc by default, so long chats and images get 413; set it explicitly (e.g. 33554432 for 32 MiB)")
+		} else {
+			c.checkBodyLimit(lpath+".per_connection_buffer_limit_bytes", uint64(l.GetPerConnectionBufferLimitBytes().GetValue()))
+		}
+		if d := hcm.GetRequestTimeout(); d != nil && d.AsDuration() != 0 && d.AsDuration() < MinIdleTimeout {
+			c.addf(path+".request_timeout", "%s covers the time ext_proc waits on a cold load; set 0s (disabled) or at least %s", d.AsDuration(), MinIdleTimeout)
+		}
+		if d := hcm.GetStreamIdleTimeout(); d != nil && d.AsDuration() != 0 && d.AsDuration() < MinIdleTimeout {
+			c.addf(path+".stream_idle_timeout", "%s: no stream events happen while a request waits on a cold load, so Envoy answers 408; set at least %s", d.AsDuration(), MinIdleTimeout)
+		}
+	}
+
+	usesClusterHeader := false
+	rc := hcm.GetRouteConfig()
+	for vi, vh := range rc.GetVirtualHosts() {
+		vpath := fmt.Sprintf("%s.route_config.virtual_hosts[%d](%s)", path, vi, vh.GetName())
+		if inference {
+			c.checkRouteBodyLimits(vpath, vh.GetRequestBodyBufferLimit(), vh.GetPerRequestBufferLimitBytes())
+		}
+		for ri, r := range vh.GetRoutes() {
+			rpath := fmt.Sprintf("%s.routes[%d]", vpath, ri)
+			ra := r.GetRoute()
+			if ra == nil {
+				continue // redirect / direct_response: no upstream
+			}
+			if inference {
+				c.checkRouteBodyLimits(rpath, r.GetRequestBodyBufferLimit(), r.GetPerRequestBufferLimitBytes())
+			}
+			switch spec := ra.GetClusterSpecifier().(type) {
+			case *routev3.RouteAction_Cluster:
+				c.routeCluster(rpath+".route.cluster", spec.Cluster)
+			case *routev3.RouteAction_WeightedClusters:
+				for wi, wc := range spec.WeightedClusters.GetClusters() {
+					if wc.GetName() != "" {
+						c.routeCluster(fmt.Sprintf("%s.route.weighted_clusters.clusters[%d].name", rpath, wi), wc.GetName())
+					}
+				}
+			case *routev3.RouteAction_ClusterHeader:
+				usesClusterHeader = true
+			}
+			if inference {
+				c.checkRouteTimeouts(rpath, ra, hcm.GetStreamIdleTimeout())
+			}
+		}
+	}
+
+	for _, ep := range extProcs {
+		if usesClusterHeader && (ep.GetDisableClearRouteCache() || ep.GetRouteCacheAction() == extprocv3.ExternalProcessor_RETAIN) {
+			c.addf(path+".http_filters", "ext_proc never clears the route cache (disable_clear_route_cache / route_cache_action: RETAIN) but a route takes its cluster from a header ext_proc sets: the route would be chosen before cortex-extproc answers")
+		}
+	}
+	// An ORIGINAL_DST cluster that reads the destination from envoy.lb
+	// metadata only sees it if ext_proc may write that namespace.
+	for name, cl := range c.clusters {
+		if cl.GetOriginalDstLbConfig().GetMetadataKey().GetKey() != "envoy.lb" {
+			continue
+		}
+		for _, ep := range extProcs {
+			if !slices.Contains(ep.GetMetadataOptions().GetReceivingNamespaces().GetUntyped(), "envoy.lb") {
+				c.addf(path+".http_filters", "cluster %q reads the destination from envoy.lb metadata, but ext_proc's metadata_options.receiving_namespaces.untyped lacks \"envoy.lb\": Envoy drops it", name)
+			}
+		}
+	}
+	return len(extProcs)
+}
+
+func (c *checker) checkExtProc(path string, ep *extprocv3.ExternalProcessor) {
+	if ep.GetGrpcService() == nil {
+		c.addf(path+".grpc_service", "unset: cortex-extproc is a gRPC server (http_service cannot carry request bodies)")
+	} else if name := ep.GetGrpcService().GetEnvoyGrpc().GetClusterName(); name != "" {
+		c.grpcCluster(path+".grpc_service.envoy_grpc.cluster_name", name, true)
+	}
+	if ep.GetFailureModeAllow() {
+		c.addf(path+".failure_mode_allow", "must be false: with true, a timeout or error forwards the request unrewritten, and a client-sent x-cortex-cluster header would choose the upstream")
+	}
+	if ep.GetObservabilityMode() {
+		c.addf(path+".observability_mode", "must be false: in observability mode Envoy ignores cortex-extproc's answers, so nothing is routed")
+	}
+	pm := ep.GetProcessingMode()
+	if m := pm.GetRequestHeaderMode(); m != extprocv3.ProcessingMode_SEND && m != extprocv3.ProcessingMode_DEFAULT {
+		c.addf(path+".processing_mode.request_header_mode", "is %s; must be SEND: cortex-extproc strips client routing headers and answers GET /v1/models at the headers phase", m)
+	}
+	if m := pm.GetRequestBodyMode(); m != extprocv3.ProcessingMode_BUFFERED {
+		c.addf(path+".processing_mode.request_body_mode", "is %s; must be BUFFERED: cortex-extproc routes on the whole JSON body and re-routes in the body reply", m)
+	}
+	msg := durOr(ep.GetMessageTimeout(), defaultMessageTimeout)
+	if ep.GetMessageTimeout() == nil {
+		c.addf(path+".message_timeout", "unset: Envoy's default of 200ms answers 504 while cortex-extproc asks a neuron for its endpoint; set e.g. 30s")
+	}
+	maxMsg := durOr(ep.GetMaxMessageTimeout(), 0)
+	switch {
+	case maxMsg == 0:
+		c.addf(path+".max_message_timeout", "is 0, which disables override_message_timeout: every request waiting on a cold load would get 504 after message_timeout (%s); set e.g. 3600s", msg)
+	case maxMsg < msg:
+		c.addf(path+".max_message_timeout", "%s is below message_timeout %s: cold-load waits cannot be extended", maxMsg, msg)
+	}
+	if ep.GetDisableClearRouteCache() && ep.GetRouteCacheAction() != extprocv3.ExternalProcessor_DEFAULT {
+		c.addf(path+".disable_clear_route_cache", "set together with route_cache_action %s: Envoy rejects this combination", ep.GetRouteCacheAction())
+	}
+	if !slices.Contains(ep.GetMetadataOptions().GetReceivingNamespaces().GetUntyped(), receivingNamespace) {
+		c.addf(path+".metadata_options.receiving_namespaces.untyped", "lacks %q: Envoy silently drops cortex-extproc's dynamic metadata (model, node, cold_start for access logs)", receivingNamespace)
+	}
+}
+
+// grpcCluster checks a static cluster that carries gRPC (ext_proc or ADS).
+func (c *checker) grpcCluster(path, name string, extProc bool) {
+	cl, ok := c.clusters[name]
+	if !ok {
+		c.addf(path, "names cluster %q, which is not among static_resources.clusters (the gRPC cluster must be static)", name)
+		return
+	}
+	if !hasHTTP2(cl) {
+		c.addf(path, "cluster %q speaks HTTP/1.1; gRPC needs typed_extension_protocol_options envoy.extensions.upstreams.http.v3.HttpProtocolOptions with explicit_http_config.http2_protocol_options", name)
+	}
+	if extProc {
+		maxReq := uint32(defaultMaxRequests)
+		for _, t := range cl.GetCircuitBreakers().GetThresholds() {
+			if t.GetPriority() == corev3.RoutingPriority_DEFAULT && t.GetMaxRequests() != nil {
+				maxReq = t.GetMaxRequests().GetValue()
+			}
+		}
+		if maxReq <= defaultMaxRequests {
+			c.addf(path, "cluster %q allows %d concurrent requests (circuit_breakers max_requests): every request waiting on a cold load holds one ext_proc stream; raise it (e.g. 100000)", name, maxReq)
+		}
+	}
+}
+
+func hasHTTP2(cl *clusterv3.Cluster) bool {
+	//lint:ignore SA1019 the deprecated cluster-level field is still honoured by Envoy.
+	if cl.GetHttp2ProtocolOptions() != nil {
+		return true
+	}
+	a, ok := cl.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+	if !ok {
+		return false
+	}
+	o, ok := unpack[*upstreamhttpv3.HttpProtocolOptions](a)
+	if !ok {
+		return false
+	}
+	return o.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil
+}
+
+func (c *checker) routeCluster(path, name string) {
+	if _, ok := c.clusters[name]; ok || c.cds {
+		// With CDS a route may name a cluster delivered at run time.
+		return
+	}
+	c.addf(path, "cluster %q is not defined in static_resources.clusters: Envoy would answer 503 (NC) for every request", name)
+}
+
+func (c *checker) checkRouteTimeouts(rpath string, ra *routev3.RouteAction, hcmIdle *durationpb.Duration) {
+	switch t := ra.GetTimeout(); {
+	case t == nil:
+		c.addf(rpath+".route.timeout", "unset: Envoy's default of 15s cuts SSE streams and long completions; set timeout: 0s")
+	case t.AsDuration() != 0 && t.AsDuration() < MinIdleTimeout:
+		c.addf(rpath+".route.timeout", "%s cuts SSE streams and long completions; set 0s (disabled)", t.AsDuration())
+	}
+	// Envoy applies the route's idle_timeout, else the HCM's, else 5 min.
+	if it := ra.GetIdleTimeout(); it != nil {
+		if d := it.AsDuration(); d != 0 && d < MinIdleTimeout {
+			c.addf(rpath+".route.idle_timeout", "%s: a request waiting silently on a cold load gets 408 (and SSE streams with long pauses are cut); set at least %s", d, MinIdleTimeout)
+		}
+	} else if hcmIdle == nil {
+		c.addf(rpath+".route.idle_timeout", "unset, and the HCM has no stream_idle_timeout: Envoy's default of %s answers 408 during a cold load; set at least %s", defaultStreamIdleTimeout, MinIdleTimeout)
+	}
+}
+
+func (c *checker) checkBodyLimit(path string, v uint64) {
+	if v > MaxBodyBufferBytes {
+		c.addf(path, "%d bytes exceeds %d: a body that large does not fit in one gRPC message to cortex-extproc (64 MiB max), so Envoy would answer 500 instead of a clean 413", v, MaxBodyBufferBytes)
+	}
+}
+
+// checkRouteBodyLimits checks the per-vhost/route body limits, which take
+// precedence over the listener's (request_body_buffer_limit since 1.36).
+func (c *checker) checkRouteBodyLimits(path string, rb *wrapperspb.UInt64Value, legacy *wrapperspb.UInt32Value) {
+	if rb != nil {
+		c.checkBodyLimit(path+".request_body_buffer_limit", rb.GetValue())
+	}
+	if legacy != nil {
+		c.checkBodyLimit(path+".per_request_buffer_limit_bytes", uint64(legacy.GetValue()))
+	}
+}
+
+func durOr(d *durationpb.Duration, def time.Duration) time.Duration {
+	if d == nil {
+		return def
+	}
+	return d.AsDuration()
+}
+
+// unpack unmarshals a into T when a holds a T; anything else (including nil)
+// is reported as not-a-T.
+func unpack[T proto.Message](a *anypb.Any) (T, bool) {
+	var zero T
+	if a == nil {
+		return zero, false
+	}
+	m, err := a.UnmarshalNew()
+	if err != nil {
+		return zero, false
+	}
+	t, ok := m.(T)
+	return t, ok
+}

@@ -1,0 +1,463 @@
+// Package extproc is Envoy's external-processing protocol for cortex-extproc:
+// the per-request stream loop, message order, header and body mutations and
+// immediate responses (shared/docs/envoy-ext-proc.md). It knows nothing
+// about GPUs: decisions come from a Router.
+package extproc
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/helexa/cortex-extproc/apierr"
+	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/routing"
+)
+
+// The headers of contract.md. A client-sent copy of any of them is removed
+// from every request: a client can never pick its own upstream.
+const (
+	HeaderCluster     = "x-cortex-cluster"
+	HeaderDestination = "x-gateway-destination-endpoint"
+	HeaderNode        = "x-cortex-node"
+	HeaderModel       = "x-cortex-model"
+	HeaderColdStart   = "x-cortex-cold-start"
+)
+
+// Router decides where a request goes (routing.Router in production).
+type Router interface {
+	Route(model string) (routing.Target, routing.Waiter, *apierr.Error)
+}
+
+// ModelList answers GET /v1/models and GET /v1/models/{id} (JSON bodies).
+type ModelList interface {
+	List() []byte
+	Get(id string) ([]byte, bool)
+}
+
+// Upstream turns a Target into the header that makes Envoy route to it.
+type Upstream interface {
+	// Header is the header name to set; Value its value for t, or an error
+	// when t cannot be addressed (e.g. a hostname that does not resolve).
+	Header() string
+	Value(t *routing.Target) (string, *apierr.Error)
+	// DynamicMetadataKey, when non-empty, also puts Value into dynamic
+	// metadata namespace "envoy.lb" under this key (Gateway API Inference
+	// Extension endpoint-picker protocol).
+	DynamicMetadataKey() string
+}
+
+// ClusterHeader routes by Envoy cluster name (contract mode cluster_header).
+type ClusterHeader struct{ Name string }
+
+// Header implements Upstream.
+func (c ClusterHeader) Header() string { return c.Name }
+
+// Value implements Upstream.
+func (c ClusterHeader) Value(t *routing.Target) (string, *apierr.Error) { return t.Cluster, nil }
+
+// DynamicMetadataKey implements Upstream.
+func (c ClusterHeader) DynamicMetadataKey() string { return "" }
+
+// Observer receives what the stream loop did, for metrics and logs.
+type Observer interface {
+	StreamStarted()
+	StreamEnded()
+	// Decided is called once per request that reached a decision: t is the
+	// target (zero on error), err the client-visible error (nil if routed),
+	// decision the time from body received to reply ready, without waits.
+	Decided(requestID string, t *routing.Target, err *apierr.Error, decision time.Duration)
+	// Waited is called after a request was held for a cold load.
+	Waited(model string, d time.Duration, err *apierr.Error)
+}
+
+// Options configure a Server.
+type Options struct {
+	// MaxRequestBytes: a larger body answers 413.
+	MaxRequestBytes int
+	// ColdLoadTimeout is the longest a request waits for a load.
+	ColdLoadTimeout time.Duration
+	// MaxMessageTimeout must equal Envoy's max_message_timeout; it caps the
+	// override_message_timeout sent before a wait.
+	MaxMessageTimeout time.Duration
+	Upstream          Upstream
+	Models            ModelList // nil: /v1/models answers 404
+	Observer          Observer  // nil: nothing observed
+	Log               *slog.Logger
+}
+
+// overrideMargin is added to the cold-load timeout in the override so our
+// own 503 always beats Envoy's bare 504; replyMargin is kept free at the end
+// of Envoy's budget to send that 503.
+const (
+	overrideMargin = time.Minute
+	replyMargin    = 5 * time.Second
+)
+
+// Server implements envoy.service.ext_proc.v3.ExternalProcessor.
+type Server struct {
+	extprocv3.UnimplementedExternalProcessorServer
+	router Router
+	opt    Options
+	log    *slog.Logger
+	remove []string // client-sent routing headers to strip
+}
+
+// New builds a Server.
+func New(r Router, opt Options) *Server {
+	if opt.Upstream == nil {
+		opt.Upstream = ClusterHeader{Name: HeaderCluster}
+	}
+	if opt.Log == nil {
+		opt.Log = slog.Default()
+	}
+	if opt.MaxRequestBytes <= 0 {
+		opt.MaxRequestBytes = 32 << 20
+	}
+	if opt.ColdLoadTimeout <= 0 {
+		opt.ColdLoadTimeout = 30 * time.Minute
+	}
+	if opt.MaxMessageTimeout <= 0 {
+		opt.MaxMessageTimeout = time.Hour
+	}
+	remove := []string{HeaderCluster, HeaderDestination, HeaderNode, HeaderModel, HeaderColdStart}
+	if h := strings.ToLower(opt.Upstream.Header()); h != "" && !contains(remove, h) {
+		remove = append(remove, h)
+	}
+	return &Server{router: r, opt: opt, log: opt.Log, remove: remove}
+}
+
+// WaitBudget returns the override_message_timeout to send before a cold-load
+// wait and how long the wait may last so that our reply beats Envoy's timer.
+func (s *Server) WaitBudget() (override, wait time.Duration) {
+	override = min(s.opt.ColdLoadTimeout+overrideMargin, s.opt.MaxMessageTimeout)
+	wait = min(s.opt.ColdLoadTimeout, override-replyMargin)
+	return override, max(wait, time.Millisecond)
+}
+
+// stream is the state of one HTTP request (one gRPC stream).
+type stream struct {
+	srv       *Server
+	grpc      extprocv3.ExternalProcessor_ProcessServer
+	path      string
+	method    string
+	requestID string
+	anthropic bool
+	sawHeader bool
+	bodyDone  bool
+	badMode   string // non-empty when Envoy's body mode cannot route
+	target    routing.Target
+	routed    bool
+}
+
+// Process handles one HTTP request's messages, strictly one reply per
+// message and in order. Returning nil before answering would make Envoy
+// forward the request unprocessed, so every path either replies or ends the
+// stream with an error status.
+func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
+	if s.opt.Observer != nil {
+		s.opt.Observer.StreamStarted()
+		defer s.opt.Observer.StreamEnded()
+	}
+	st := &stream{srv: s, grpc: g}
+	defer st.target.Release()
+	ctx := g.Context()
+	for {
+		req, err := g.Recv()
+		if err != nil {
+			// EOF: Envoy has what it needs (or half-closed after a client
+			// hang-up). Canceled: the HTTP request is gone.
+			if errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled || ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		if pc := req.GetProtocolConfig(); pc != nil {
+			st.checkMode(pc)
+		}
+		resp, err := st.handle(ctx, req)
+		if err != nil {
+			return err
+		}
+		if resp == nil { // the client went away while we waited
+			return nil
+		}
+		if err := g.Send(resp); err != nil {
+			return err
+		}
+	}
+}
+
+// checkMode records whether Envoy's request body mode lets us route: only
+// BUFFERED (and BUFFERED_PARTIAL, whose body fits the buffer) keep the
+// headers until the body reply.
+func (st *stream) checkMode(pc *extprocv3.ProtocolConfiguration) {
+	switch m := pc.GetRequestBodyMode(); m {
+	case filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_BUFFERED_PARTIAL:
+		st.badMode = ""
+	default:
+		st.badMode = m.String()
+	}
+}
+
+func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
+	switch r := req.GetRequest().(type) {
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		return st.requestHeaders(r.RequestHeaders), nil
+	case *extprocv3.ProcessingRequest_RequestBody:
+		return st.requestBody(ctx, r.RequestBody)
+	case *extprocv3.ProcessingRequest_RequestTrailers:
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{
+			RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		return st.responseHeaders(), nil
+	case *extprocv3.ProcessingRequest_ResponseBody:
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
+			ResponseBody: &extprocv3.BodyResponse{}}}, nil
+	case *extprocv3.ProcessingRequest_ResponseTrailers:
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{
+			ResponseTrailers: &extprocv3.TrailersResponse{}}}, nil
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "cortex-extproc: unsupported ext_proc message %T; expected request/response headers, body or trailers", r)
+	}
+}
+
+func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+	st.sawHeader = true
+	for _, kv := range h.GetHeaders().GetHeaders() {
+		switch kv.GetKey() {
+		case ":path":
+			st.path = headerValue(kv)
+		case ":method":
+			st.method = headerValue(kv)
+		case "x-request-id":
+			st.requestID = headerValue(kv)
+		}
+	}
+	if i := strings.IndexByte(st.path, '?'); i >= 0 {
+		st.path = st.path[:i]
+	}
+	st.anthropic = strings.HasPrefix(st.path, "/v1/messages")
+	if h.GetEndOfStream() {
+		return st.bodiless()
+	}
+	if st.badMode != "" {
+		return st.immediate(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
+			Message: "Envoy's ext_proc filter sends the request body in mode " + st.badMode +
+				"; cortex-extproc routes on the body and needs processing_mode.request_body_mode: BUFFERED (see envoy/envoy.yaml)"})
+	}
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
+		RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
+			HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: st.srv.remove},
+		}}}}
+}
+
+// bodiless answers a request with no body: the model list, or a clear error.
+func (st *stream) bodiless() *extprocv3.ProcessingResponse {
+	if m := st.srv.opt.Models; m != nil && (st.method == "GET" || st.method == "HEAD") {
+		if st.path == "/v1/models" || st.path == "/v1/models/" {
+			return jsonReply(200, m.List(), "cortex_model_list")
+		}
+		if id, ok := strings.CutPrefix(st.path, "/v1/models/"); ok {
+			if body, ok := m.Get(unescapePath(id)); ok {
+				return jsonReply(200, body, "cortex_model")
+			}
+			return st.immediate(apierr.ModelNotFound("model %q not found on any node, in the catalogue or among the aliases", unescapePath(id)))
+		}
+	}
+	if st.method == "POST" {
+		return st.immediate(apierr.InvalidRequest("request body is empty: send a JSON object with a \"model\" field"))
+	}
+	return st.immediate(apierr.NotFound("cortex-extproc routes POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/images/generations and /v1/messages with a JSON body, and answers GET /v1/models; %s %s is none of these", st.method, st.path))
+}
+
+func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {
+	if st.bodyDone {
+		// BUFFERED sends exactly one body message; in other modes (or from a
+		// confused peer) every further chunk still needs its reply.
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
+			RequestBody: &extprocv3.BodyResponse{}}}, nil
+	}
+	st.bodyDone = true
+	if !st.sawHeader {
+		return st.immediate(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
+			Message: "Envoy sent the request body without the request headers; cortex-extproc needs processing_mode.request_header_mode: SEND (see envoy/envoy.yaml)"}), nil
+	}
+	start := time.Now()
+	body := b.GetBody()
+	if len(body) > st.srv.opt.MaxRequestBytes {
+		return st.decided(nil, apierr.TooLarge("request body is %d bytes; the limit is %d (extproc.max_request_bytes)", len(body), st.srv.opt.MaxRequestBytes), start), nil
+	}
+	m, aerr := reqbody.Find(body)
+	if aerr != nil {
+		return st.decided(nil, aerr, start), nil
+	}
+	t, waiter, aerr := st.srv.router.Route(m.ID)
+	if aerr != nil {
+		return st.decided(&t, aerr, start), nil
+	}
+	if waiter != nil {
+		decision := time.Since(start)
+		var ok bool
+		t, aerr, ok = st.wait(ctx, waiter)
+		if !ok {
+			return nil, nil
+		}
+		start = time.Now().Add(-decision) // the wait is not decision time
+		if aerr != nil {
+			return st.decided(&t, aerr, start), nil
+		}
+	}
+	st.target = t
+	st.routed = true
+	value, aerr := st.srv.opt.Upstream.Value(&t)
+	if aerr != nil {
+		return st.decided(&t, aerr, start), nil
+	}
+	resp := st.route(body, m, &t, value)
+	st.decided(&t, nil, start)
+	return resp, nil
+}
+
+// wait holds the request for a cold load. It first sends the one standalone
+// override_message_timeout Envoy accepts per message, then waits with its
+// own deadline inside Envoy's. ok is false when the stream is gone.
+func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *apierr.Error, bool) {
+	override, budget := st.srv.WaitBudget()
+	if err := st.grpc.Send(&extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(override)}); err != nil {
+		// Still give the waiter slot back.
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		w.Wait(cctx)
+		return routing.Target{}, nil, false
+	}
+	wctx, cancel := context.WithTimeout(ctx, budget)
+	defer cancel()
+	start := time.Now()
+	t, err := w.Wait(wctx)
+	if o := st.srv.opt.Observer; o != nil {
+		o.Waited(w.Model(), time.Since(start), err)
+	}
+	if ctx.Err() != nil {
+		st.srv.log.Info("client went away while waiting for a cold load; the load continues for others",
+			"request_id", st.requestID, "model", w.Model(), "waited_ms", time.Since(start).Milliseconds())
+		t.Release()
+		return routing.Target{}, nil, false
+	}
+	if err != nil && wctx.Err() != nil {
+		err = apierr.Unavailable(5, "model %q is still loading after %s, the longest cortex-extproc holds a request (cold_load.timeout, extproc.max_message_timeout); retry shortly", w.Model(), budget.Round(time.Second))
+	}
+	return t, err, true
+}
+
+// route builds the body reply that sends the request to t: routing headers,
+// the rewritten body with its content-length, and a route cache clear in the
+// same CommonResponse (Envoy ignores the clear without a header mutation).
+func (st *stream) route(body []byte, m reqbody.Model, t *routing.Target, value string) *extprocv3.ProcessingResponse {
+	up := st.srv.opt.Upstream
+	set := make([]*corev3.HeaderValueOption, 0, 5)
+	set = append(set,
+		setHeader(up.Header(), value),
+		setHeader(HeaderNode, t.Node),
+		setHeader(HeaderModel, t.Model),
+		setHeader(HeaderColdStart, strconv.FormatBool(t.ColdStart)),
+	)
+	common := &extprocv3.CommonResponse{
+		HeaderMutation:  &extprocv3.HeaderMutation{SetHeaders: set},
+		ClearRouteCache: true,
+	}
+	if t.Model != m.ID {
+		nb := reqbody.Rewrite(body, m, t.Model)
+		// Envoy keeps the client's content-length in BUFFERED mode and
+		// rejects a body whose length differs from it.
+		common.HeaderMutation.SetHeaders = append(common.HeaderMutation.SetHeaders,
+			setHeader("content-length", strconv.Itoa(len(nb))))
+		common.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: nb}}
+	}
+	resp := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
+		RequestBody: &extprocv3.BodyResponse{Response: common}}}
+	resp.DynamicMetadata = dynamicMetadata(t, up.DynamicMetadataKey(), value)
+	return resp
+}
+
+// decided reports the decision and renders an error, if any.
+func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time) *extprocv3.ProcessingResponse {
+	d := time.Since(start)
+	if o := st.srv.opt.Observer; o != nil {
+		o.Decided(st.requestID, t, err, d)
+	}
+	if err == nil {
+		return nil
+	}
+	return st.immediate(err)
+}
+
+func (st *stream) responseHeaders() *extprocv3.ProcessingResponse {
+	hm := &extprocv3.HeaderMutation{}
+	if st.routed {
+		hm.SetHeaders = []*corev3.HeaderValueOption{
+			setHeader(HeaderNode, st.target.Node),
+			setHeader(HeaderModel, st.target.Model),
+			setHeader(HeaderColdStart, strconv.FormatBool(st.target.ColdStart)),
+		}
+	}
+	// The upstream has answered: the request no longer blocks an eviction
+	// through us (the neuron's own in_flight covers the rest of a stream).
+	st.target.Release()
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: hm}}}}
+}
+
+// immediate renders a client-visible error as Envoy's local reply, in
+// Anthropic's shape on /v1/messages and OpenAI's elsewhere.
+func (st *stream) immediate(e *apierr.Error) *extprocv3.ProcessingResponse {
+	body := e.OpenAIBody()
+	if st.anthropic {
+		body = e.AnthropicBody()
+	}
+	resp := jsonReply(e.Status, body, "cortex_"+e.Code)
+	if e.RetryAfter > 0 {
+		hm := resp.GetImmediateResponse().Headers
+		hm.SetHeaders = append(hm.SetHeaders, setHeader("retry-after", strconv.Itoa(e.RetryAfter)))
+	}
+	return resp
+}
+
+func jsonReply(code int, body []byte, details string) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
+		ImmediateResponse: immediateResponse(code, body, details)}}
+}
+
+// setHeader overwrites a header. The value goes in raw_value only: Envoy
+// reads raw_value, and setting both is rejected.
+func setHeader(k, v string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: k, RawValue: []byte(v)}}
+}
+
+// headerValue reads raw_value, falling back to value (older Envoy).
+func headerValue(h *corev3.HeaderValue) string {
+	if len(h.GetRawValue()) > 0 {
+		return string(h.GetRawValue())
+	}
+	return h.GetValue()
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,193 @@
+// Package metrics holds cortex-extproc's Prometheus metrics (contract.md,
+// prefix cortex_extproc_). Label values are bounded: model labels are only
+// catalogue ids and aliases (anything else is "other"), node labels only
+// configured neuron names.
+package metrics
+
+import (
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/helexa/cortex-extproc/apierr"
+	"github.com/helexa/cortex-extproc/catalogue"
+	"github.com/helexa/cortex-extproc/routing"
+)
+
+const ns = "cortex_extproc"
+
+// Other is the label value for a model outside the catalogue and aliases.
+const Other = "other"
+
+// Outcomes of requests_total.
+const (
+	OutcomeRouted    = "routed"
+	OutcomeColdStart = "cold_start"
+)
+
+// decisionBuckets span sub-millisecond decisions; loadBuckets span seconds
+// to a 30-minute cold load.
+var (
+	decisionBuckets = []float64{0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5}
+	loadBuckets     = []float64{0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600}
+)
+
+// Metrics is the registry and every metric in it.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	Requests          *prometheus.CounterVec   // model, node, outcome
+	Decision          prometheus.Histogram     // seconds, body received → reply ready, no waits
+	ColdLoads         *prometheus.CounterVec   // model, node, result
+	ColdLoadSeconds   *prometheus.HistogramVec // model
+	ColdLoadWait      *prometheus.HistogramVec // model: time requests were held
+	ColdLoadWaiters   prometheus.Gauge
+	Evictions         *prometheus.CounterVec // node, model
+	NeuronHealthy     *prometheus.GaugeVec   // node
+	NeuronPollFailure *prometheus.CounterVec // node
+	CatalogueReloads  *prometheus.CounterVec // result
+	CatalogueModels   prometheus.Gauge
+	CatalogueInfo     *prometheus.GaugeVec // hash, generation
+	InflightStreams   prometheus.Gauge
+
+	catalogue atomic.Pointer[catalogue.Catalogue]
+}
+
+// New registers every metric, plus the Go and process collectors.
+func New() *Metrics {
+	r := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry: r,
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "requests_total",
+			Help: "Requests decided, by concrete model, node and outcome (routed, cold_start, or the error code)."},
+			[]string{"model", "node", "outcome"}),
+		Decision: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "request_decision_seconds",
+			Help: "Time from request body received to reply ready, excluding waits for cold loads.", Buckets: decisionBuckets}),
+		ColdLoads: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "cold_loads_total",
+			Help: "Cold loads by model, node and result (success, failure)."}, []string{"model", "node", "result"}),
+		ColdLoadSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "cold_load_seconds",
+			Help: "Duration of cold loads (POST /models/load, evictions included).", Buckets: loadBuckets}, []string{"model"}),
+		ColdLoadWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "cold_load_wait_seconds",
+			Help: "Time requests were held waiting for a cold load.", Buckets: loadBuckets}, []string{"model"}),
+		ColdLoadWaiters: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "cold_load_waiters",
+			Help: "Requests currently held for cold loads."}),
+		Evictions: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "evictions_total",
+			Help: "Models unloaded to make room for a cold load."}, []string{"node", "model"}),
+		NeuronHealthy: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "neuron_healthy",
+			Help: "1 when the neuron passes its /models polls, 0 after failure_threshold consecutive failures."}, []string{"node"}),
+		NeuronPollFailure: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "neuron_poll_failures_total",
+			Help: "Failed /models polls per neuron."}, []string{"node"}),
+		CatalogueReloads: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "catalogue_reloads_total",
+			Help: "Catalogue reloads by result (ok, error)."}, []string{"result"}),
+		CatalogueModels: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "catalogue_models",
+			Help: "Models in the catalogue in force."}),
+		CatalogueInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "catalogue_info",
+			Help: "1 for the catalogue in force, labelled with its content hash and generation."}, []string{"hash", "generation"}),
+		InflightStreams: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "inflight_streams",
+			Help: "ext_proc streams open now (requests being decided or held)."}),
+	}
+	r.MustRegister(m.Requests, m.Decision, m.ColdLoads, m.ColdLoadSeconds, m.ColdLoadWait, m.ColdLoadWaiters,
+		m.Evictions, m.NeuronHealthy, m.NeuronPollFailure, m.CatalogueReloads, m.CatalogueModels, m.CatalogueInfo,
+		m.InflightStreams,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.catalogue.Store(catalogue.Empty())
+	return m
+}
+
+// SetCatalogue records the catalogue in force: it bounds model labels and
+// updates catalogue_models and catalogue_info.
+func (m *Metrics) SetCatalogue(c *catalogue.Catalogue, generation uint64) {
+	m.catalogue.Store(c)
+	m.CatalogueModels.Set(float64(len(c.Models())))
+	m.CatalogueInfo.Reset()
+	m.CatalogueInfo.WithLabelValues(c.Hash, strconv.FormatUint(generation, 10)).Set(1)
+}
+
+// ModelLabel bounds a model label to catalogue ids and aliases.
+func (m *Metrics) ModelLabel(id string) string {
+	c := m.catalogue.Load()
+	if c.Profile(id) != nil || c.IsAlias(id) {
+		return id
+	}
+	return Other
+}
+
+// StreamStarted implements extproc.Observer.
+func (m *Metrics) StreamStarted() { m.InflightStreams.Inc() }
+
+// StreamEnded implements extproc.Observer.
+func (m *Metrics) StreamEnded() { m.InflightStreams.Dec() }
+
+// Decided implements extproc.Observer.
+func (m *Metrics) Decided(_ string, t *routing.Target, err *apierr.Error, d time.Duration) {
+	m.Decision.Observe(d.Seconds())
+	model, node := "", ""
+	if t != nil {
+		model, node = t.Model, t.Node
+	}
+	outcome := OutcomeRouted
+	switch {
+	case err != nil:
+		outcome = err.Code
+	case t != nil && t.ColdStart:
+		outcome = OutcomeColdStart
+	}
+	m.Requests.WithLabelValues(m.ModelLabel(model), node, outcome).Inc()
+}
+
+// Waited implements extproc.Observer.
+func (m *Metrics) Waited(model string, d time.Duration, _ *apierr.Error) {
+	m.ColdLoadWait.WithLabelValues(m.ModelLabel(model)).Observe(d.Seconds())
+}
+
+// LoadStarted implements routing.ColdLoadObserver.
+func (m *Metrics) LoadStarted(model, node string) {}
+
+// LoadFinished implements routing.ColdLoadObserver.
+func (m *Metrics) LoadFinished(model, node string, ok bool, d time.Duration) {
+	result := "success"
+	if !ok {
+		result = "failure"
+	}
+	label := m.ModelLabel(model)
+	m.ColdLoads.WithLabelValues(label, node, result).Inc()
+	m.ColdLoadSeconds.WithLabelValues(label).Observe(d.Seconds())
+}
+
+// Evicted implements routing.ColdLoadObserver.
+func (m *Metrics) Evicted(node, model string) {
+	m.Evictions.WithLabelValues(node, m.ModelLabel(model)).Inc()
+}
+
+// WaitersChanged implements routing.ColdLoadObserver.
+func (m *Metrics) WaitersChanged(n int) { m.ColdLoadWaiters.Set(float64(n)) }
+
+// PollResult records one /models poll of a neuron.
+func (m *Metrics) PollResult(node string, ok bool) {
+	if !ok {
+		m.NeuronPollFailure.WithLabelValues(node).Inc()
+	} else {
+		m.NeuronPollFailure.WithLabelValues(node).Add(0)
+	}
+}
+
+// NeuronHealth records a neuron's health state.
+func (m *Metrics) NeuronHealth(node string, healthy bool) {
+	v := 0.0
+	if healthy {
+		v = 1
+	}
+	m.NeuronHealthy.WithLabelValues(node).Set(v)
+}
+
+// CatalogueReload records a reload attempt.
+func (m *Metrics) CatalogueReload(ok bool) {
+	if ok {
+		m.CatalogueReloads.WithLabelValues("ok").Inc()
+	} else {
+		m.CatalogueReloads.WithLabelValues("error").Inc()
+	}
+}

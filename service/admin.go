@@ -1,0 +1,130 @@
+package service
+
+import (
+	"encoding/json"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/routing"
+)
+
+func (s *Service) adminMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		s.readyMu.Lock()
+		ready, draining := s.isReady, s.draining
+		s.readyMu.Unlock()
+		switch {
+		case draining:
+			http.Error(w, "draining\n", http.StatusServiceUnavailable)
+		case !ready:
+			http.Error(w, "not ready: waiting for the first fleet poll round\n", http.StatusServiceUnavailable)
+		default:
+			w.Write([]byte("ready\n"))
+		}
+	})
+	mux.HandleFunc("GET /debug/fleet", s.debugFleet)
+	return mux
+}
+
+// fleetView is /debug/fleet: what the router sees now.
+type fleetView struct {
+	Catalogue catalogueView        `json:"catalogue"`
+	PollRound uint64               `json:"poll_round"`
+	Taken     time.Time            `json:"taken"`
+	Nodes     []nodeView           `json:"nodes"`
+	Loads     []routing.FlightInfo `json:"loads_in_progress"`
+}
+
+type catalogueView struct {
+	Generation uint64 `json:"generation"`
+	Hash       string `json:"hash"`
+	Models     int    `json:"models"`
+	Aliases    int    `json:"aliases"`
+}
+
+type nodeView struct {
+	Name                string          `json:"name"`
+	Cluster             string          `json:"cluster"`
+	Endpoint            string          `json:"endpoint"`
+	Healthy             bool            `json:"healthy"`
+	ConsecutiveFailures int             `json:"consecutive_failures"`
+	LastPoll            time.Time       `json:"last_poll"`
+	LastSuccess         time.Time       `json:"last_success"`
+	LastError           string          `json:"last_error,omitempty"`
+	Devices             []deviceView    `json:"devices"`
+	CUDAUnavailable     *string         `json:"cuda_unavailable_reason,omitempty"`
+	Loading             []string        `json:"loading,omitempty"`
+	Models              []nodeModelView `json:"models"`
+}
+
+type deviceView struct {
+	Index       int    `json:"index"`
+	Name        string `json:"name"`
+	VRAMTotalMB int64  `json:"vram_total_mb"`
+	VRAMFreeMB  int64  `json:"vram_free_mb"`
+}
+
+type nodeModelView struct {
+	ID         string     `json:"id"`
+	Status     string     `json:"status"`
+	Servable   bool       `json:"servable"`
+	VRAMUsedMB *int64     `json:"vram_used_mb"`
+	InFlight   int        `json:"in_flight"`
+	QueueDepth int        `json:"queue_depth"`
+	Endpoint   string     `json:"endpoint"`
+	LastAccess *time.Time `json:"last_access,omitempty"`
+}
+
+func (s *Service) debugFleet(w http.ResponseWriter, _ *http.Request) {
+	cat := s.store.Load()
+	snap := s.poller.Snapshot()
+	v := fleetView{
+		Catalogue: catalogueView{Generation: s.store.Generation(), Hash: cat.Hash, Models: len(cat.Models()), Aliases: len(cat.Aliases())},
+		PollRound: snap.Round,
+		Taken:     snap.Taken,
+		Nodes:     make([]nodeView, 0, len(snap.Nodes)),
+		Loads:     s.loader.InProgress(),
+	}
+	for _, n := range snap.Nodes {
+		v.Nodes = append(v.Nodes, s.nodeView(n))
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func (s *Service) nodeView(n *fleet.Node) nodeView {
+	nv := nodeView{
+		Name: n.Name, Cluster: n.Cluster, Endpoint: n.Endpoint, Healthy: n.Healthy,
+		ConsecutiveFailures: n.ConsecutiveFailures, LastPoll: n.LastPoll, LastSuccess: n.LastSuccess,
+		LastError: n.LastError, Devices: []deviceView{}, Models: []nodeModelView{},
+	}
+	if n.Discovery != nil {
+		free := n.FreeVRAM()
+		nv.CUDAUnavailable = n.Discovery.CUDAUnavailableReason
+		for _, d := range n.Discovery.Devices {
+			nv.Devices = append(nv.Devices, deviceView{Index: d.Index, Name: d.Name, VRAMTotalMB: d.VRAMTotalMB, VRAMFreeMB: free[d.Index]})
+		}
+	}
+	if n.Health != nil {
+		nv.Loading = n.Health.Activation.Loading()
+	}
+	for _, m := range n.Models {
+		mv := nodeModelView{ID: m.ID, Status: string(m.Status), Servable: m.IsServable(), VRAMUsedMB: m.VRAMUsedMB,
+			InFlight: m.InFlight, QueueDepth: m.QueueDepth, Endpoint: m.Endpoint}
+		if t := s.router.LastAccess(n.Name, m.ID); !t.IsZero() {
+			mv.LastAccess = &t
+		}
+		nv.Models = append(nv.Models, mv)
+	}
+	return nv
+}

@@ -1,0 +1,320 @@
+// Package service wires cortex-extproc together: config → catalogue store
+// and fleet poller → router → ext_proc gRPC server, plus gRPC health, the
+// admin HTTP listener and the catalogue watcher. cmd/cortex-extproc runs it;
+// end-to-end tests run it in-process.
+package service
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/helexa/cortex-extproc/catalogue"
+	"github.com/helexa/cortex-extproc/config"
+	"github.com/helexa/cortex-extproc/extproc"
+	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/metrics"
+	"github.com/helexa/cortex-extproc/modellist"
+	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/routing"
+)
+
+// Health service names answered on the gRPC port.
+const (
+	HealthExtProc   = "envoy.service.ext_proc.v3.ExternalProcessor"
+	HealthLiveness  = "liveness"
+	HealthReadiness = "readiness"
+)
+
+// Service is a running cortex-extproc.
+type Service struct {
+	cfg      config.Config
+	log      *slog.Logger
+	store    *catalogue.Store
+	poller   *fleet.Poller
+	loader   *routing.ColdLoader
+	router   *routing.Router
+	metrics  *metrics.Metrics
+	health   *health.Server
+	grpc     *grpc.Server
+	admin    *http.Server
+	models   *modellist.List
+	clients  map[string]neuron.API
+	ready    chan struct{}
+	readyMu  sync.Mutex
+	isReady  bool
+	draining bool
+
+	grpcLis  net.Listener
+	adminLis net.Listener
+}
+
+// New builds the service from cfg: it reads the catalogue (an invalid one is
+// an error here: there is no previous good one to keep) and binds both
+// listeners, so a port clash fails fast.
+func New(cfg config.Config, log *slog.Logger) (*Service, error) {
+	s := &Service{cfg: cfg, log: log, metrics: metrics.New(), ready: make(chan struct{}), clients: map[string]neuron.API{}}
+
+	cat := catalogue.Empty()
+	if cfg.ModelsConfig != "" {
+		c, err := catalogue.LoadFile(cfg.ModelsConfig)
+		if err != nil {
+			return nil, err
+		}
+		cat = c
+		for _, w := range c.Warnings() {
+			log.Warn("catalogue warning", "key", w.Key, "problem", w.Message)
+		}
+	} else {
+		log.Warn("no catalogue configured (models_config): only models already loaded on neurons can be routed")
+	}
+	s.store = catalogue.NewStore(cat)
+	s.metrics.SetCatalogue(cat, s.store.Generation())
+
+	if len(cfg.Neurons) == 0 {
+		log.Warn("no neurons are configured: every request will get 503 until [[neurons]] entries are added")
+	}
+	hc := &http.Client{Transport: &http.Transport{
+		Proxy:               nil,
+		MaxIdleConnsPerHost: 8,
+		IdleConnTimeout:     90 * time.Second,
+	}}
+	var ns []fleet.Neuron
+	for _, n := range cfg.Neurons {
+		c, err := neuron.New(n.Name, n.Endpoint, hc)
+		if err != nil {
+			return nil, fmt.Errorf("neurons %q: %w", n.Name, err)
+		}
+		s.clients[n.Name] = c
+		ns = append(ns, fleet.Neuron{Name: n.Name, Cluster: n.ClusterName(), Endpoint: n.Endpoint, API: c})
+	}
+	s.poller = fleet.NewPoller(fleet.PollerConfig{
+		Interval:         cfg.Poll.Interval,
+		Timeout:          cfg.Poll.Timeout,
+		FailureThreshold: cfg.Poll.FailureThreshold,
+		OnPoll:           s.metrics.PollResult,
+		OnHealth:         s.metrics.NeuronHealth,
+	}, ns, log)
+
+	usage := routing.NewUsage()
+	s.loader = routing.NewColdLoader(routing.ColdLoadConfig{
+		Timeout:         cfg.ColdLoad.Timeout,
+		MaxEvictions:    cfg.ColdLoad.MaxEvictions,
+		MaxWaiters:      cfg.ColdLoad.MaxWaiters,
+		FailureCooldown: cfg.ColdLoad.FailureCooldown,
+	}, routing.ColdLoadDeps{
+		Catalogue:  s.store.Load,
+		Fleet:      s.poller.Snapshot,
+		Neuron:     s.neuron,
+		MarkLoaded: s.poller.MarkLoaded,
+		Usage:      usage,
+		Log:        log,
+		Observer:   s.metrics,
+	})
+	s.router = routing.NewRouter(s.store.Load, s.poller.Snapshot, s.loader, usage)
+	s.models = modellist.New(s.store.Load, s.poller.Snapshot)
+
+	var upstream extproc.Upstream = extproc.ClusterHeader{Name: cfg.Upstream.ClusterHeader}
+	if cfg.Upstream.Mode == config.ModeOriginalDst {
+		upstream = extproc.NewOriginalDst(nil)
+	}
+	ep := extproc.New(s.router, extproc.Options{
+		MaxRequestBytes:   cfg.ExtProc.MaxRequestBytes,
+		ColdLoadTimeout:   cfg.ColdLoad.Timeout,
+		MaxMessageTimeout: cfg.ExtProc.MaxMessageTimeout,
+		Upstream:          upstream,
+		Models:            s.models,
+		Observer:          s.metrics,
+		Log:               log,
+	})
+
+	opts, err := grpcOptions(cfg.ExtProc)
+	if err != nil {
+		return nil, err
+	}
+	s.grpc = grpc.NewServer(opts...)
+	extprocv3.RegisterExternalProcessorServer(s.grpc, ep)
+	s.health = health.NewServer()
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	s.health.SetServingStatus(HealthLiveness, healthpb.HealthCheckResponse_SERVING)
+	s.health.SetServingStatus(HealthReadiness, healthpb.HealthCheckResponse_NOT_SERVING)
+	s.health.SetServingStatus(HealthExtProc, healthpb.HealthCheckResponse_NOT_SERVING)
+
+	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
+
+	if s.grpcLis, err = net.Listen("tcp", cfg.ExtProc.Listen); err != nil {
+		return nil, fmt.Errorf("extproc.listen %s: %w", cfg.ExtProc.Listen, err)
+	}
+	if s.adminLis, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
+		s.grpcLis.Close()
+		return nil, fmt.Errorf("admin.listen %s: %w", cfg.Admin.Listen, err)
+	}
+	return s, nil
+}
+
+// GRPCAddr is the bound ext_proc address (useful with port 0).
+func (s *Service) GRPCAddr() string { return s.grpcLis.Addr().String() }
+
+// AdminAddr is the bound admin HTTP address.
+func (s *Service) AdminAddr() string { return s.adminLis.Addr().String() }
+
+// Ready is closed once the catalogue is loaded and the first poll round finished.
+func (s *Service) Ready() <-chan struct{} { return s.ready }
+
+func (s *Service) neuron(name string) neuron.API {
+	if c, ok := s.clients[name]; ok {
+		return c
+	}
+	return nil
+}
+
+// Run serves until ctx is done, then drains: readiness goes NOT_SERVING,
+// in-flight streams get drain_timeout to finish, then the listeners close.
+func (s *Service) Run(ctx context.Context) error {
+	runCtx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	errc := make(chan error, 2)
+	go func() { errc <- s.grpc.Serve(s.grpcLis) }()
+	go func() {
+		if err := s.admin.Serve(s.adminLis); !errors.Is(err, http.ErrServerClosed) {
+			errc <- err
+		}
+	}()
+	go s.poller.Run(runCtx)
+	if s.cfg.ModelsConfig != "" {
+		go func() {
+			err := catalogue.Watch(runCtx, s.cfg.ModelsConfig, s.store, catalogue.WatchOptions{
+				PollInterval: s.cfg.Catalogue.PollInterval,
+				Logger:       s.log,
+				OnReload: func(r catalogue.ReloadResult) {
+					s.metrics.CatalogueReload(r.OK)
+					if r.OK {
+						s.metrics.SetCatalogue(r.Catalogue, r.Generation)
+					}
+				},
+			})
+			if err != nil {
+				s.log.Error("catalogue watch stopped; edits to the catalogue need a restart", "error", err)
+			}
+		}()
+	}
+	go func() {
+		select {
+		case <-s.poller.Ready():
+			s.setReady(true)
+			s.log.Info("ready: catalogue loaded and first poll round finished",
+				"models", len(s.store.Load().Models()), "neurons", len(s.cfg.Neurons))
+		case <-runCtx.Done():
+		}
+	}()
+	s.log.Info("cortex-extproc serving", "extproc", s.GRPCAddr(), "admin", s.AdminAddr(),
+		"upstream_mode", s.cfg.Upstream.Mode, "neurons", len(s.cfg.Neurons))
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+		s.log.Error("listener failed", "error", runErr)
+	}
+	s.drain()
+	cancel()
+	// Streams are gone; a load still running is abandoned after a short
+	// grace (the neuron finishes it on its own and the next poll sees it).
+	cctx, ccancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer ccancel()
+	s.loader.Close(cctx)
+	return runErr
+}
+
+func (s *Service) setReady(ready bool) {
+	s.readyMu.Lock()
+	defer s.readyMu.Unlock()
+	if s.draining && ready {
+		return
+	}
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if ready {
+		st = healthpb.HealthCheckResponse_SERVING
+		if !s.isReady {
+			close(s.ready)
+		}
+	}
+	s.isReady = ready
+	s.health.SetServingStatus(HealthReadiness, st)
+	s.health.SetServingStatus(HealthExtProc, st)
+}
+
+// drain turns readiness off first so Envoy and Kubernetes stop sending new
+// requests, lets open streams finish within drain_timeout, then stops.
+func (s *Service) drain() {
+	s.readyMu.Lock()
+	s.draining = true
+	s.readyMu.Unlock()
+	s.health.SetServingStatus(HealthReadiness, healthpb.HealthCheckResponse_NOT_SERVING)
+	s.health.SetServingStatus(HealthExtProc, healthpb.HealthCheckResponse_NOT_SERVING)
+	s.log.Info("draining: readiness NOT_SERVING, waiting for open ext_proc streams", "timeout", s.cfg.ExtProc.DrainTimeout)
+
+	done := make(chan struct{})
+	go func() { s.grpc.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(s.cfg.ExtProc.DrainTimeout):
+		s.log.Warn("drain timeout: closing remaining ext_proc streams")
+		s.grpc.Stop()
+		<-done
+	}
+	s.health.Shutdown()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = s.admin.Shutdown(ctx)
+}
+
+// grpcOptions follows envoy-ext-proc.md §5.5: a receive limit above Envoy's
+// buffer limit, no MaxConnectionAge (it would kill streams held for cold
+// loads), and a keepalive policy that accepts Envoy's HTTP/2 pings.
+func grpcOptions(c config.ExtProc) ([]grpc.ServerOption, error) {
+	opts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(c.MaxRequestBytes + 4<<20),
+		grpc.MaxSendMsgSize(c.MaxRequestBytes + 4<<20),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second}),
+	}
+	if c.TLSCertFile == "" {
+		return opts, nil
+	}
+	cert, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("extproc.tls_cert_file/tls_key_file: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if c.ClientCAFile != "" {
+		pem, err := os.ReadFile(c.ClientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("extproc.client_ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("extproc.client_ca_file %s: no PEM certificates found", c.ClientCAFile)
+		}
+		tc.ClientCAs = pool
+		tc.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return append(opts, grpc.Creds(credentials.NewTLS(tc))), nil
+}
