@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -328,12 +329,13 @@ func TestWatchDebouncesBursts(t *testing.T) {
 	// A generous window so the burst below fits in it on a busy machine.
 	r := startWatch(t, path, WatchOptions{PollInterval: -1, Debounce: time.Second})
 
-	// Twenty truncate-and-write edits: read undebounced, some would be
-	// caught empty or half written.
-	for i := range 20 {
+	// Ten edits a few milliseconds apart, as an editor or a deploy tool
+	// makes them: without the debounce each would be its own reload.
+	for i := range 10 {
 		writeFile(t, path, catalogueTOML(fmt.Sprint("m", i), fmt.Sprint("m", i)))
+		time.Sleep(10 * time.Millisecond)
 	}
-	expectOK(t, r.next(t), 2, "m19")
+	expectOK(t, r.next(t), 2, "m9")
 	select {
 	case res := <-r.results:
 		t.Fatalf("a burst should reload once, got another result: %+v", res)
@@ -392,6 +394,7 @@ func TestStoreConcurrentReadsDuringReloads(t *testing.T) {
 				if p := cat.Profile(target); p == nil || p.ID != target || cat.Priority(target) != DefaultPriority {
 					torn.Do(func() { t.Errorf("snapshot resolves helexa/small to %q, not one of its models", target) })
 				}
+				runtime.Gosched() // two cores: leave the reloader room
 			}
 		}()
 	}
@@ -471,4 +474,26 @@ func (b *syncBuffer) waitFor(t *testing.T, msg string, want map[string]any) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Viper's watch ends when the file is removed; a re-created file must still
+// be noticed without the poll.
+func TestWatchFileWatchSurvivesDeleteAndRecreate(t *testing.T) {
+	guard := make(chan os.Signal, 8)
+	signal.Notify(guard, syscall.SIGHUP)
+	defer signal.Stop(guard)
+
+	path := filepath.Join(t.TempDir(), "models.toml")
+	writeFile(t, path, catalogueTOML("a", "a"))
+	r := startWatch(t, path, WatchOptions{PollInterval: -1})
+
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	hup(t) // the operator asks; Watch finds the file gone
+	if res := r.next(t); res.OK || !errors.Is(res.Err, os.ErrNotExist) {
+		t.Fatalf("deleted file: %+v", res)
+	}
+	writeFile(t, path, catalogueTOML("b", "b"))
+	expectOK(t, r.next(t), 2, "b")
 }

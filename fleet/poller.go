@@ -428,7 +428,11 @@ func (p *Poller) finishPoll(res pollResult) {
 	p.inRound.pending--
 	if p.inRound.pending == 0 {
 		p.completeRound()
+		return
 	}
+	// Publish each neuron's answer as it arrives: one neuron timing out
+	// must not hold back what the others just said.
+	p.publish()
 }
 
 func (p *Poller) completeRound() {
@@ -563,7 +567,7 @@ func (p *Poller) apply(ns *nodeState, r pollResult) {
 
 	if r.discErr != nil {
 		if msg := r.discErr.Error(); msg != ns.discErr {
-			p.log.Warn("neuron /discovery failing; cold loads will not be placed there until it answers", "node", name, "error", msg)
+			p.log.Warn("neuron /discovery failing; keeping the cached topology, if any (without one, no cold load is placed there)", "node", name, "error", msg)
 			ns.discErr = msg
 		}
 	} else if r.disc != nil {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -772,5 +771,29 @@ func TestWithHTTPNeuron(t *testing.T) {
 	if h.logs.count("neuron poll failing") != 1 {
 		t.Errorf("logs:\n%s", h.logs)
 	}
-	_ = maps.Clone(map[string]int{})
+}
+
+func TestSlowNeuronDoesNotHoldBackOthers(t *testing.T) {
+	slow, fast := newFakeAPI(loaded("m")), newFakeAPI(loaded("m"))
+	h := start(t, PollerConfig{}, Neuron{Name: "slow", Endpoint: "http://s:1", API: slow}, Neuron{Name: "fast", Endpoint: "http://f:1", API: fast})
+
+	gate, entered := make(chan struct{}), make(chan struct{}, 1)
+	slow.set(func(f *fakeAPI) { f.modelsGate, f.modelsEntered = gate, entered })
+	fast.set(func(f *fakeAPI) { f.models = append(f.models, loaded("new")) })
+	pollDone := make(chan error, 1)
+	go func() { pollDone <- h.p.PollNow(h.ctx) }()
+	<-entered
+	h.waitFor("fast neuron's answer published while slow one hangs", func(s *Snapshot) bool {
+		return s.Node("fast").Model("new") != nil
+	})
+	if h.p.Snapshot().Round != 1 {
+		t.Error("round counted complete before every neuron answered")
+	}
+	close(gate)
+	if err := <-pollDone; err != nil {
+		t.Fatal(err)
+	}
+	if h.p.Snapshot().Round != 2 {
+		t.Errorf("round %d after the second round completed", h.p.Snapshot().Round)
+	}
 }

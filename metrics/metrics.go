@@ -183,6 +183,12 @@ func (m *Metrics) NeuronHealth(node string, healthy bool) {
 	m.NeuronHealthy.WithLabelValues(node).Set(v)
 }
 
+// NeuronRemoved drops the label values of a neuron no longer configured.
+func (m *Metrics) NeuronRemoved(node string) {
+	m.NeuronHealthy.DeleteLabelValues(node)
+	m.NeuronPollFailure.DeleteLabelValues(node)
+}
+
 // CatalogueReload records a reload attempt.
 func (m *Metrics) CatalogueReload(ok bool) {
 	if ok {

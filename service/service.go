@@ -109,6 +109,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		FailureThreshold: cfg.Poll.FailureThreshold,
 		OnPoll:           s.metrics.PollResult,
 		OnHealth:         s.metrics.NeuronHealth,
+		OnRemove:         s.metrics.NeuronRemoved,
 	}, ns, log)
 
 	usage := routing.NewUsage()
