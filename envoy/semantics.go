@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
@@ -21,17 +22,32 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
-// Bounds the semantic checks enforce.
+// ExtProcSettings are the cortex-extproc settings an Envoy config must
+// agree with.
+type ExtProcSettings struct {
+	// MaxRequestBytes is extproc.max_request_bytes: Envoy must not buffer a
+	// larger body (above it cortex-extproc answers 413 itself, and beyond
+	// its gRPC message limit Envoy gets an error and answers 500).
+	MaxRequestBytes int64
+	// MaxMessageTimeout is extproc.max_message_timeout, the longest
+	// override_message_timeout cortex-extproc sends while a request waits on
+	// a cold load. Envoy ignores overrides above its own max_message_timeout
+	// (the client then gets 504), and every idle timer must outlast it.
+	MaxMessageTimeout time.Duration
+	// ClusterHeader is upstream.cluster_header: routes that take their
+	// cluster from a header must read this one. Empty skips the check.
+	ClusterHeader string
+}
+
+// DefaultExtProcSettings are cortex-extproc's defaults (contract.md).
+var DefaultExtProcSettings = ExtProcSettings{
+	MaxRequestBytes:   32 << 20,
+	MaxMessageTimeout: time.Hour,
+	ClusterHeader:     "x-cortex-cluster",
+}
+
+// Envoy defaults the checks account for.
 const (
-	// MinIdleTimeout is the shortest route idle_timeout / HCM
-	// stream_idle_timeout (and non-zero route timeout) accepted: nothing
-	// reaches the HCM while a request waits on a cold load, which may last
-	// as long as the ext_proc override allows (≤ 1 h).
-	MinIdleTimeout = time.Hour
-	// MaxBodyBufferBytes bounds the buffered request body: it travels in one
-	// gRPC message, and cortex-extproc's server accepts 64 MiB messages
-	// (headers and framing need the last MiB).
-	MaxBodyBufferBytes = 63 << 20
 	// defaultMessageTimeout is Envoy's ext_proc message_timeout when unset.
 	defaultMessageTimeout = 200 * time.Millisecond
 	// defaultStreamIdleTimeout is Envoy's HCM stream_idle_timeout when unset.
@@ -42,12 +58,17 @@ const (
 	receivingNamespace = "cortex"
 )
 
-// CheckBootstrap runs the semantic checks cortex-extproc relies on and PGV
-// cannot express (envoy-ext-proc.md §10 layer 3). Each error names the field
-// path and what to change. It expects a bootstrap that passed
-// ValidateMessage; it does not repeat those checks.
+// CheckBootstrap runs CheckBootstrapFor with DefaultExtProcSettings.
 func CheckBootstrap(b *bootstrapv3.Bootstrap) error {
-	c := &checker{clusters: map[string]*clusterv3.Cluster{}}
+	return CheckBootstrapFor(b, DefaultExtProcSettings)
+}
+
+// CheckBootstrapFor runs the semantic checks cortex-extproc, configured with
+// s, relies on and PGV cannot express (envoy-ext-proc.md §10 layer 3). Each
+// error names the field path and what to change. It expects a bootstrap
+// that passed ValidateMessage; it does not repeat those checks.
+func CheckBootstrapFor(b *bootstrapv3.Bootstrap, s ExtProcSettings) error {
+	c := &checker{clusters: map[string]*clusterv3.Cluster{}, settings: s, minIdle: max(time.Hour, s.MaxMessageTimeout)}
 	for i, cl := range b.GetStaticResources().GetClusters() {
 		path := fmt.Sprintf("static_resources.clusters[%d](%s)", i, cl.GetName())
 		if _, dup := c.clusters[cl.GetName()]; dup {
@@ -126,6 +147,11 @@ type checker struct {
 	errs     []error
 	clusters map[string]*clusterv3.Cluster
 	cds      bool
+	settings ExtProcSettings
+	// minIdle is the shortest idle timer (and non-zero route timeout)
+	// accepted: nothing reaches the HCM while a request waits on a cold
+	// load, which lasts up to the override cortex-extproc sends.
+	minIdle time.Duration
 }
 
 func (c *checker) addf(path, format string, args ...any) {
@@ -160,11 +186,11 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 		} else {
 			c.checkBodyLimit(lpath+".per_connection_buffer_limit_bytes", uint64(l.GetPerConnectionBufferLimitBytes().GetValue()))
 		}
-		if d := hcm.GetRequestTimeout(); d != nil && d.AsDuration() != 0 && d.AsDuration() < MinIdleTimeout {
-			c.addf(path+".request_timeout", "%s covers the time ext_proc waits on a cold load; set 0s (disabled) or at least %s", d.AsDuration(), MinIdleTimeout)
+		if d := hcm.GetRequestTimeout(); d != nil && d.AsDuration() != 0 && d.AsDuration() < c.minIdle {
+			c.addf(path+".request_timeout", "%s covers the time ext_proc waits on a cold load; set 0s (disabled) or at least %s", d.AsDuration(), c.minIdle)
 		}
-		if d := hcm.GetStreamIdleTimeout(); d != nil && d.AsDuration() != 0 && d.AsDuration() < MinIdleTimeout {
-			c.addf(path+".stream_idle_timeout", "%s: no stream events happen while a request waits on a cold load, so Envoy answers 408; set at least %s", d.AsDuration(), MinIdleTimeout)
+		if d := hcm.GetStreamIdleTimeout(); d != nil && d.AsDuration() != 0 && d.AsDuration() < c.minIdle {
+			c.addf(path+".stream_idle_timeout", "%s: no stream events happen while a request waits on a cold load, so Envoy answers 408; set at least %s", d.AsDuration(), c.minIdle)
 		}
 	}
 
@@ -173,6 +199,7 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 	for vi, vh := range rc.GetVirtualHosts() {
 		vpath := fmt.Sprintf("%s.route_config.virtual_hosts[%d](%s)", path, vi, vh.GetName())
 		if inference {
+			//lint:ignore SA1019 the deprecated limit is still honoured by Envoy.
 			c.checkRouteBodyLimits(vpath, vh.GetRequestBodyBufferLimit(), vh.GetPerRequestBufferLimitBytes())
 		}
 		for ri, r := range vh.GetRoutes() {
@@ -182,6 +209,7 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 				continue // redirect / direct_response: no upstream
 			}
 			if inference {
+				//lint:ignore SA1019 the deprecated limit is still honoured by Envoy.
 				c.checkRouteBodyLimits(rpath, r.GetRequestBodyBufferLimit(), r.GetPerRequestBufferLimitBytes())
 			}
 			switch spec := ra.GetClusterSpecifier().(type) {
@@ -195,6 +223,9 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 				}
 			case *routev3.RouteAction_ClusterHeader:
 				usesClusterHeader = true
+				if want := c.settings.ClusterHeader; want != "" && !strings.EqualFold(spec.ClusterHeader, want) {
+					c.addf(rpath+".route.cluster_header", "is %q but cortex-extproc sets %q (upstream.cluster_header): no request would find its cluster", spec.ClusterHeader, want)
+				}
 			}
 			if inference {
 				c.checkRouteTimeouts(rpath, ra, hcm.GetStreamIdleTimeout())
@@ -251,6 +282,8 @@ func (c *checker) checkExtProc(path string, ep *extprocv3.ExternalProcessor) {
 		c.addf(path+".max_message_timeout", "is 0, which disables override_message_timeout: every request waiting on a cold load would get 504 after message_timeout (%s); set e.g. 3600s", msg)
 	case maxMsg < msg:
 		c.addf(path+".max_message_timeout", "%s is below message_timeout %s: cold-load waits cannot be extended", maxMsg, msg)
+	case maxMsg < c.settings.MaxMessageTimeout:
+		c.addf(path+".max_message_timeout", "%s is below cortex-extproc's extproc.max_message_timeout %s: Envoy ignores its longer overrides and answers 504 after message_timeout; set them equal", maxMsg, c.settings.MaxMessageTimeout)
 	}
 	if ep.GetDisableClearRouteCache() && ep.GetRouteCacheAction() != extprocv3.ExternalProcessor_DEFAULT {
 		c.addf(path+".disable_clear_route_cache", "set together with route_cache_action %s: Envoy rejects this combination", ep.GetRouteCacheAction())
@@ -311,22 +344,22 @@ func (c *checker) checkRouteTimeouts(rpath string, ra *routev3.RouteAction, hcmI
 	switch t := ra.GetTimeout(); {
 	case t == nil:
 		c.addf(rpath+".route.timeout", "unset: Envoy's default of 15s cuts SSE streams and long completions; set timeout: 0s")
-	case t.AsDuration() != 0 && t.AsDuration() < MinIdleTimeout:
+	case t.AsDuration() != 0 && t.AsDuration() < c.minIdle:
 		c.addf(rpath+".route.timeout", "%s cuts SSE streams and long completions; set 0s (disabled)", t.AsDuration())
 	}
 	// Envoy applies the route's idle_timeout, else the HCM's, else 5 min.
 	if it := ra.GetIdleTimeout(); it != nil {
-		if d := it.AsDuration(); d != 0 && d < MinIdleTimeout {
-			c.addf(rpath+".route.idle_timeout", "%s: a request waiting silently on a cold load gets 408 (and SSE streams with long pauses are cut); set at least %s", d, MinIdleTimeout)
+		if d := it.AsDuration(); d != 0 && d < c.minIdle {
+			c.addf(rpath+".route.idle_timeout", "%s: a request waiting silently on a cold load gets 408 (and SSE streams with long pauses are cut); set at least %s", d, c.minIdle)
 		}
 	} else if hcmIdle == nil {
-		c.addf(rpath+".route.idle_timeout", "unset, and the HCM has no stream_idle_timeout: Envoy's default of %s answers 408 during a cold load; set at least %s", defaultStreamIdleTimeout, MinIdleTimeout)
+		c.addf(rpath+".route.idle_timeout", "unset, and the HCM has no stream_idle_timeout: Envoy's default of %s answers 408 during a cold load; set at least %s", defaultStreamIdleTimeout, c.minIdle)
 	}
 }
 
 func (c *checker) checkBodyLimit(path string, v uint64) {
-	if v > MaxBodyBufferBytes {
-		c.addf(path, "%d bytes exceeds %d: a body that large does not fit in one gRPC message to cortex-extproc (64 MiB max), so Envoy would answer 500 instead of a clean 413", v, MaxBodyBufferBytes)
+	if maxBytes := c.settings.MaxRequestBytes; maxBytes > 0 && v > uint64(maxBytes) {
+		c.addf(path, "%d bytes is more than cortex-extproc accepts (extproc.max_request_bytes %d): larger bodies get its 413, or a 500 past its gRPC message limit, instead of Envoy's clean 413; set both to the same value", v, maxBytes)
 	}
 }
 

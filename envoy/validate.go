@@ -61,14 +61,21 @@ func ValidateFile(path string) error {
 }
 
 // ValidateBootstrapYAML validates an Envoy v3 bootstrap (YAML or JSON) meant
-// to front cortex-extproc: schema, field rules inside every Any, and the
-// semantic checks of CheckBootstrap. All problems found are joined.
+// to front a cortex-extproc with default settings: schema, field rules
+// inside every Any, and the semantic checks of CheckBootstrap. All problems
+// found are joined.
 func ValidateBootstrapYAML(data []byte) error {
+	return ValidateBootstrapYAMLFor(data, DefaultExtProcSettings)
+}
+
+// ValidateBootstrapYAMLFor is ValidateBootstrapYAML for a cortex-extproc
+// configured with s (e.g. from `cortex-extproc validate`).
+func ValidateBootstrapYAMLFor(data []byte, s ExtProcSettings) error {
 	b, err := ParseBootstrapYAML(data)
 	if err != nil {
 		return err
 	}
-	return errors.Join(ValidateMessage(b), CheckBootstrap(b))
+	return errors.Join(ValidateMessage(b), CheckBootstrapFor(b, s))
 }
 
 var (
@@ -88,6 +95,9 @@ func ParseBootstrapYAML(data []byte) (*bootstrapv3.Bootstrap, error) {
 		// protojson positions refer to the converted one-line JSON, which
 		// the operator never sees: point at the YAML line instead.
 		msg := jsonPosRE.ReplaceAllString(err.Error(), "")
+		if strings.Contains(msg, "unable to resolve") {
+			msg += " (a misspelled \"@type\", or an extension this validator does not link: add its Go package to the imports of envoy/validate.go)"
+		}
 		if m := unknownFieldRE.FindStringSubmatch(msg); m != nil {
 			if line := yamlLineOf(data, m[1]); line > 0 {
 				msg += fmt.Sprintf(" (YAML line %d; check its spelling and that this Envoy version has it)", line)

@@ -35,7 +35,8 @@ type Options struct {
 	// reloaded lazily by the first inference request.
 	Unloaded []ModelSpec
 	// Sizes is the VRAM footprint of models the sim may be asked to load
-	// (e.g. from the catalogue); others take DefaultVRAMMB.
+	// (e.g. from the catalogue); others take DefaultVRAMMB. A model listed
+	// here counts as locally known: /models/{id}/capabilities answers for it.
 	Sizes map[string]int64
 	// Capabilities per model id ("text", "vision", …); default ["text"].
 	// A model listed here is also "locally known" for

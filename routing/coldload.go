@@ -127,8 +127,12 @@ type ColdLoader struct {
 	mu        sync.Mutex
 	closed    bool
 	flights   map[string]*flight       // by model
-	failures  map[usageKey]loadFailure // cool-downs
 	nodeLocks map[string]chan struct{} // one evict-and-load sequence per node
+
+	// failMu is separate from mu because placement, which Join runs under
+	// mu, reads the cool-downs.
+	failMu   sync.Mutex
+	failures map[usageKey]loadFailure
 }
 
 type loadFailure struct {
@@ -315,8 +319,8 @@ func (l *ColdLoader) placementState(exclude map[string]bool) PlacementState {
 }
 
 func (l *ColdLoader) inCooldown(node, model string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
+	l.failMu.Lock()
+	defer l.failMu.Unlock()
 	k := usageKey{node, model}
 	fl, ok := l.failures[k]
 	if !ok {
@@ -329,27 +333,29 @@ func (l *ColdLoader) inCooldown(node, model string) bool {
 	return true
 }
 
-// Callers hold l.mu or not; markFailed takes it.
+// markFailed puts (node, model) in cool-down.
 func (l *ColdLoader) markFailed(node, model, reason string) {
 	if l.cfg.FailureCooldown < 0 {
 		return
 	}
-	l.mu.Lock()
+	l.failMu.Lock()
 	l.failures[usageKey{node, model}] = loadFailure{until: l.now().Add(l.cfg.FailureCooldown), reason: reason}
-	l.mu.Unlock()
+	l.failMu.Unlock()
 }
 
 // withRecentFailures adds the reasons of the failed loads that put model's
 // nodes in cool-down to a placement error, so the client and the operator
-// see why instead of only "cool-down". Called with l.mu held.
+// see why instead of only "cool-down".
 func (l *ColdLoader) withRecentFailures(model string, err *apierr.Error) *apierr.Error {
 	now := l.now()
 	var parts []string
+	l.failMu.Lock()
 	for k, fl := range l.failures {
 		if k.model == model && now.Before(fl.until) {
 			parts = append(parts, fmt.Sprintf("%s: %s (skipped until %s)", k.node, fl.reason, fl.until.Format(time.TimeOnly)))
 		}
 	}
+	l.failMu.Unlock()
 	if len(parts) == 0 {
 		return err
 	}
@@ -367,6 +373,7 @@ func (l *ColdLoader) run(f *flight, p *catalogue.Profile, plan Plan) {
 	defer cancel()
 
 	var failures []string
+	loadFailed := false // some POST /models/load failed (not just "no room")
 	tried := map[string]bool{}
 	for attempt := 1; ; attempt++ {
 		node := plan.Node
@@ -379,18 +386,33 @@ func (l *ColdLoader) run(f *flight, p *catalogue.Profile, plan Plan) {
 		}
 		reason := l.describe(ctx, err)
 		failures = append(failures, node+": "+reason)
-		l.markFailed(node, p.ID, reason)
+		// Only a failed load says something about this model on this node;
+		// a node that was full or busy may take it a moment later.
+		if !errors.As(err, new(*prepError)) {
+			loadFailed = true
+			l.markFailed(node, p.ID, reason)
+		}
 
 		next, perr := l.nextPlan(ctx, p, tried, attempt)
 		if perr != "" {
 			l.log.Warn("cold load failed; giving up", "model", p.ID, "node", node, "error", reason, "why", perr)
-			l.finish(f, "", apierr.Unavailable(5, "cold load of %q failed on %s. Check the neuron's logs; cortex-extproc skips a node where the load failed for %s",
-				p.ID, strings.Join(failures, "; "), l.cfg.FailureCooldown))
+			l.finish(f, "", apierr.Unavailable(5, "cold load of %q failed on %s%s", p.ID, strings.Join(failures, "; "), l.nextStep(loadFailed)))
 			return
 		}
 		l.log.Warn("cold load failed; trying the next node", "model", p.ID, "node", node, "error", reason, "next", next.Node)
 		plan = next
 	}
+}
+
+// nextStep is what the final failure message tells the operator to do.
+func (l *ColdLoader) nextStep(loadFailed bool) string {
+	switch {
+	case !loadFailed:
+		return "; retry shortly"
+	case l.cfg.FailureCooldown > 0:
+		return fmt.Sprintf(". Check the neuron's logs; cortex-extproc skips a node where the load failed for %s", l.cfg.FailureCooldown)
+	}
+	return ". Check the neuron's logs"
 }
 
 // nextPlan re-places p without the nodes already tried, or says why not.
@@ -465,18 +487,26 @@ func (l *ColdLoader) attempt(ctx context.Context, p *catalogue.Profile, plan Pla
 func (l *ColdLoader) evictAndLoad(ctx context.Context, api neuron.API, p *catalogue.Profile, plan Plan) error {
 	// Two loads on one node at once would both count the same free VRAM:
 	// serialise them, and decide evictions only once the node is ours.
-	unlock, err := l.lockNode(ctx, plan.Node)
+	unlock, err := l.lockNode(ctx, p.ID, plan.Node)
 	if err != nil {
-		return fmt.Errorf("waiting for another load on %s: %w", plan.Node, err)
+		return &prepError{fmt.Errorf("waiting for another load on %s: %w", plan.Node, err)}
 	}
 	defer unlock()
 	if err := l.makeRoom(ctx, api, p, plan.Node); err != nil {
-		return err
+		return &prepError{err}
 	}
 	return api.Load(ctx, plan.Spec)
 }
 
-func (l *ColdLoader) lockNode(ctx context.Context, node string) (func(), error) {
+// prepError is a failure before POST /models/load: no room could be made,
+// an unload failed, or the node stayed busy. It does not put the (node,
+// model) in cool-down.
+type prepError struct{ err error }
+
+func (e *prepError) Error() string { return e.err.Error() }
+func (e *prepError) Unwrap() error { return e.err }
+
+func (l *ColdLoader) lockNode(ctx context.Context, model, node string) (func(), error) {
 	l.mu.Lock()
 	sem := l.nodeLocks[node]
 	if sem == nil {
@@ -484,6 +514,12 @@ func (l *ColdLoader) lockNode(ctx context.Context, node string) (func(), error) 
 		l.nodeLocks[node] = sem
 	}
 	l.mu.Unlock()
+	select {
+	case sem <- struct{}{}:
+		return func() { <-sem }, nil
+	default:
+		l.log.Info("cold load queued behind another load on the same node", "model", model, "node", node)
+	}
 	select {
 	case sem <- struct{}{}:
 		return func() { <-sem }, nil
@@ -537,7 +573,7 @@ func (l *ColdLoader) makeRoom(ctx context.Context, api neuron.API, p *catalogue.
 		}
 		evicted = append(evicted, victim)
 		skip[victim] = true
-		l.log.Info("evicted to make room for a cold load", "model", victim, "node", nodeName, "for", p.ID)
+		l.log.Info("evicted to make room for a cold load", "model", victim, "node", nodeName, "incoming", p.ID)
 		l.obs.Evicted(nodeName, victim)
 		if fresh := l.refresh(ctx, api, n); fresh != n {
 			n = fresh

@@ -536,8 +536,10 @@ func TestColdLoadRechecksTheNeuronAfterEachEviction(t *testing.T) {
 	for id := range beast.resident {
 		beast.resident[id] = fakeResident{vram: 15000, devs: []int{0}}
 	}
-	beast.resident["r/other"] = fakeResident{vram: 81920 - 21920 - 45000, devs: []int{0}} // keep free at 21920
-	r.usage.Touch("beast", "r/c") // r/a, r/b never used: evicted first, by name
+	// Something the snapshot does not list keeps the real free VRAM at 21920.
+	beast.resident["r/other"] = fakeResident{vram: 81920 - 21920 - 45000, devs: []int{0}}
+	// r/a and r/b were never used through us: evicted first, by name.
+	r.usage.Touch("beast", "r/c")
 
 	res := receive(t, "the waiter", r.join(t, context.Background(), "org/big"))
 	if res.err != nil || res.node != "beast" {
@@ -551,33 +553,76 @@ func TestColdLoadRechecksTheNeuronAfterEachEviction(t *testing.T) {
 	}
 }
 
+func TestColdLoadWithoutFreshHealthCountsWhatEvictionsFreed(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	snap := snapshot(node("beast", gpus(dev{a100, 1920}),
+		res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}, res{id: "r/d", vram: 20000}))
+	r := newRig(t, ColdLoadConfig{}, snap)
+	defer r.close(t)
+	r.neurons["beast"].healthErr = errors.New("neuron beast: GET /health: 503")
+
+	res := receive(t, "the waiter", r.join(t, context.Background(), "org/big"))
+	if res.err != nil || res.node != "beast" {
+		t.Fatalf("waiter got (%q, %v), want beast", res.node, res.err)
+	}
+	// 1920 + 20000 + 20000 = 41920: two evictions, not three.
+	want := []string{"beast unload r/a", "beast unload r/b", "beast load org/big"}
+	if got := r.events.all(); !reflect.DeepEqual(got, want) {
+		t.Errorf("neuron calls %v, want %v", got, want)
+	}
+}
+
+func TestColdLoadNoRoomAfterAllTriesTheNextNodeWithoutCooldown(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	defer r.close(t)
+	// The snapshot is stale: beast has filled up with a model it has not
+	// listed yet, so its fresh /health shows no room and nothing to evict.
+	r.neurons["beast"].resident["r/new"] = fakeResident{vram: rtx4090, devs: []int{0}}
+
+	res := receive(t, "the waiter", r.join(t, context.Background(), "org/small"))
+	if res.err != nil || res.node != "rig2" {
+		t.Fatalf("waiter got (%q, %v), want rig2", res.node, res.err)
+	}
+	if got, want := r.events.all(), []string{"rig2 load org/small"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("neuron calls %v, want %v", got, want)
+	}
+	if r.l.inCooldown("beast", "org/small") {
+		t.Error("beast is in cool-down although no load failed there; it was only full for a moment")
+	}
+}
+
 func TestColdLoadMarksLoadedBeforeReleasingWaiters(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	r := newRig(t, ColdLoadConfig{}, twoNodes())
 	defer r.close(t)
-	entered, proceed := make(chan struct{}), make(chan struct{})
-	var marked atomic.Bool
-	r.markLoaded = func(context.Context, string, string) error {
-		close(entered)
-		<-proceed
-		marked.Store(true)
-		return nil
-	}
 	beast := r.neurons["beast"]
 	beast.gate = make(chan struct{})
+
+	// probe is a second request on the same flight. Asked from inside
+	// MarkLoaded with an expired context, it must still be waiting.
+	probe, err := r.l.Join("org/small")
+	if err != nil {
+		t.Fatal(err)
+	}
 	waiter := r.join(t, context.Background(), "org/small")
+	var releasedEarly atomic.Value
+	r.markLoaded = func(context.Context, string, string) error {
+		expired, cancel := context.WithCancel(context.Background())
+		cancel()
+		node, err := probe.Wait(expired)
+		if node != "" || err == nil || !strings.Contains(err.Message, "still loading") {
+			releasedEarly.Store(fmt.Sprintf("(%q, %v)", node, err))
+		}
+		return nil
+	}
 
 	close(beast.gate)
-	select {
-	case res := <-waiter:
-		t.Fatalf("waiter released (%q, %v) before the model was marked loaded", res.node, res.err)
-	case <-entered:
-	case <-time.After(10 * time.Second):
-		t.Fatal("MarkLoaded was never called")
+	if res := receive(t, "the waiter", waiter); res.err != nil || res.node != "beast" {
+		t.Fatalf("waiter got (%q, %v), want beast", res.node, res.err)
 	}
-	close(proceed)
-	if res := receive(t, "the waiter", waiter); res.err != nil || !marked.Load() {
-		t.Fatalf("waiter got (%q, %v), marked %v; want beast after MarkLoaded returned", res.node, res.err, marked.Load())
+	if v := releasedEarly.Load(); v != nil {
+		t.Fatalf("a waiter was released with %s before the model was marked loaded", v)
 	}
 }
 

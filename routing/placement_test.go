@@ -119,9 +119,9 @@ func TestPlace(t *testing.T) {
 		wantMsg   []string // substrings of the error message
 	}{
 		{
-			name:  "pinned_on keeps a model on its nodes even when another has more room",
-			model: "org/legacy",
-			fleet: snapshot(node("beast", gpus(dev{rtx4090, 12000})), node("rig2", gpus(dev{rtx4090, 24000}))),
+			name:     "pinned_on keeps a model on its nodes even when another has more room",
+			model:    "org/legacy",
+			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 12000})), node("rig2", gpus(dev{rtx4090, 24000}))),
 			wantNode: "beast", wantFitsNow: true, wantRanked: []string{"beast"},
 		},
 		{
@@ -299,9 +299,9 @@ func TestPlace(t *testing.T) {
 			wantNode:     "rig2", wantEvict: []string{"r/e"}, wantRanked: []string{"rig2", "beast"},
 		},
 		{
-			name:  "load spec: first min_devices devices meeting the floor, tensor_parallel, source prefix, quant",
-			model: "org/tp2",
-			fleet: snapshot(node("beast", gpus(dev{12288, 12000}, dev{rtx4090, 24000}, dev{rtx4090, 24000}, dev{rtx4090, 24000}))),
+			name:     "load spec: first min_devices devices meeting the floor, tensor_parallel, source prefix, quant",
+			model:    "org/tp2",
+			fleet:    snapshot(node("beast", gpus(dev{12288, 12000}, dev{rtx4090, 24000}, dev{rtx4090, 24000}, dev{rtx4090, 24000}))),
 			wantNode: "beast", wantFitsNow: true, wantRanked: []string{"beast"},
 			wantSpec: &neuron.LoadSpec{ModelID: "helexa:org/tp2", Harness: "candle", Quant: strp("q8_0"), TensorParallel: intp(2), Devices: []int{1, 2}},
 		},
