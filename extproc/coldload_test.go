@@ -50,8 +50,10 @@ type fakeNeuron struct {
 	name string
 }
 
-func (n fakeNeuron) Discovery(context.Context) (*neuron.Discovery, error) { return nil, errors.New("unused") }
-func (n fakeNeuron) Models(context.Context) ([]neuron.Model, error)       { return nil, errors.New("unused") }
+func (n fakeNeuron) Discovery(context.Context) (*neuron.Discovery, error) {
+	return nil, errors.New("unused")
+}
+func (n fakeNeuron) Models(context.Context) ([]neuron.Model, error) { return nil, errors.New("unused") }
 func (n fakeNeuron) Health(ctx context.Context) (*neuron.Health, error) {
 	return n.f.snap.Load().Node(n.name).Health, nil
 }
