@@ -1,0 +1,134 @@
+package extproc
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+
+	"github.com/helexa/cortex-extproc/catalogue"
+	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/routing"
+)
+
+// bigFleet is 100 neurons × 50 models, the size the performance issue asks
+// decisions to stay fast at. Model "org/model-7" is loaded on every 10th node.
+func bigFleet() (*catalogue.Catalogue, *fleet.Snapshot) {
+	var profiles []*catalogue.Profile
+	for i := 0; i < 50; i++ {
+		profiles = append(profiles, &catalogue.Profile{ID: fmt.Sprintf("org/model-%d", i), Harness: "candle", VRAMMB: 4000})
+	}
+	cat := catalogue.New(profiles, map[string]string{"fleet/small": "org/model-7", "fleet/s": "org/model-8"}, "h")
+	snap := &fleet.Snapshot{Round: 1}
+	for n := 0; n < 100; n++ {
+		node := &fleet.Node{Name: fmt.Sprintf("node-%03d", n), Cluster: fmt.Sprintf("neuron-node-%03d", n), Healthy: true,
+			Discovery: &neuron.Discovery{Devices: []neuron.Device{{Index: 0, VRAMTotalMB: 24000}}}}
+		for m := 0; m < 50; m++ {
+			st := neuron.StatusUnloaded
+			if m == (n%10)+5 || m == 8 {
+				st = neuron.StatusLoaded
+			}
+			node.Models = append(node.Models, &fleet.Model{Model: neuron.Model{ID: fmt.Sprintf("org/model-%d", m), Status: st},
+				InFlight: n % 7, QueueDepth: n % 3, Endpoint: "http://" + node.Name + ":13131"})
+		}
+		snap.Nodes = append(snap.Nodes, node)
+	}
+	return cat, snap
+}
+
+// chatBody is a chat-completions body of about size bytes with "model" near
+// the start, as clients send it.
+func chatBody(model string, size int) []byte {
+	head := `{"model":"` + model + `","stream":true,"messages":[{"role":"system","content":"You are helpful."},{"role":"user","content":"`
+	tail := `"}],"max_tokens":512}`
+	fill := size - len(head) - len(tail)
+	if fill < 0 {
+		fill = 0
+	}
+	return []byte(head + strings.Repeat("lorem ipsum ", fill/12+1)[:fill] + tail)
+}
+
+func benchServer() *Server {
+	cat, snap := bigFleet()
+	r := routing.NewRouter(func() *catalogue.Catalogue { return cat }, func() *fleet.Snapshot { return snap }, nil, nil)
+	return New(r, Options{})
+}
+
+func headersMsg(size int) *extprocv3.HttpHeaders {
+	return &extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+		{Key: ":method", RawValue: []byte("POST")},
+		{Key: ":path", RawValue: []byte("/v1/chat/completions")},
+		{Key: "content-type", RawValue: []byte("application/json")},
+		{Key: "content-length", RawValue: []byte(strconv.Itoa(size))},
+		{Key: "x-request-id", RawValue: []byte("0b7d3c1e-9c1f-4f57-8a53-7f3f7f0e2a11")},
+	}}}
+}
+
+// BenchmarkBodyPath measures the per-request work between Envoy's body
+// message and our reply (no gRPC): find model, decide, build the reply.
+func BenchmarkBodyPath(b *testing.B) {
+	s := benchServer()
+	for _, size := range []int{2 << 10, 64 << 10, 1 << 20} {
+		for _, model := range []string{"org/model-8", "fleet/s", "fleet/small"} {
+			kind := map[string]string{"org/model-8": "concrete", "fleet/s": "alias", "fleet/small": "alias-samelen"}[model]
+			b.Run(fmt.Sprintf("%s/%dKB", kind, size>>10), func(b *testing.B) {
+				body := chatBody(model, size)
+				hm := headersMsg(len(body))
+				work := make([]byte, len(body))
+				b.SetBytes(int64(len(body)))
+				b.ReportAllocs()
+				for b.Loop() {
+					copy(work, body) // Envoy's body arrives fresh each time; in-place rewrites must not leak across runs
+					st := &stream{srv: s}
+					st.requestHeaders(hm)
+					resp, err := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: work, EndOfStream: true})
+					if err != nil || resp.GetRequestBody() == nil {
+						b.Fatalf("%v %v", resp, err)
+					}
+					st.target.Release()
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkDecide is the routing decision alone over 100 nodes × 50 models.
+func BenchmarkDecide(b *testing.B) {
+	cat, snap := bigFleet()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := routing.Decide(cat, snap, "fleet/small"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestConcretePathAllocationsDoNotGrowWithBody pins a design property: for
+// a concrete model the body is never copied or sent back, so the work per
+// request is the same at 2 KB and 1 MB.
+func TestConcretePathAllocationsDoNotGrowWithBody(t *testing.T) {
+	s := benchServer()
+	allocs := func(size int) float64 {
+		body := chatBody("org/model-8", size)
+		hm := headersMsg(len(body))
+		return testing.AllocsPerRun(50, func() {
+			st := &stream{srv: s}
+			st.requestHeaders(hm)
+			resp, _ := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: body, EndOfStream: true})
+			if resp.GetRequestBody().GetResponse().GetBodyMutation() != nil {
+				t.Fatal("concrete model got a body mutation")
+			}
+			st.target.Release()
+		})
+	}
+	small, large := allocs(2<<10), allocs(1<<20)
+	if small != large {
+		t.Errorf("allocations per request: %v at 2 KB, %v at 1 MB; they must not depend on body size", small, large)
+	}
+	t.Logf("allocations per concrete-model request: %v", small)
+}

@@ -1,0 +1,162 @@
+package reqbody
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"unicode/utf8"
+
+	"github.com/tidwall/gjson"
+)
+
+// FuzzFindRewrite feeds arbitrary bodies and replacement ids to Find and
+// Rewrite. What must hold for every input (FUZZING.md has the long runs):
+//   - neither panics;
+//   - Find accepts only a valid JSON object whose top-level "model" is a
+//     string that passes CheckID, and its ID is exactly that string as an
+//     independent decoder (encoding/json) reads it from the recorded span;
+//   - Rewrite changes nothing but the model value: every byte before and
+//     after the span is kept, the result is valid JSON, and Find on the
+//     result returns the new id.
+func FuzzFindRewrite(f *testing.F) {
+	seeds := []struct{ body, id string }{
+		{`{"model":"helexa/small","messages":[{"role":"user","content":"hi"}]}`, "Qwen/Qwen3-1.7B"},
+		{`{"messages":[{"role":"user","content":"héllo \"model\": x"}],  "model" : "helexa/small","stream":true}`, "Qwen/Qwen3-8B"},
+		{`{"model":"Qwen\/Qwen3-8B"}`, "Qwen/Qwen3-8B"},
+		{`{"model":"\u0051wen"}`, "Qwen"},
+		{`{"model":"a\"b\\c"}`, "x"},
+		{`{"model":"same-len"}`, "SAME-LEN"},
+		{`{"model":"","x":1}`, "y"},
+		{`{"model":null}`, "y"},
+		{`{"model":42}`, "y"},
+		{`{"model":["a"]}`, "y"},
+		{`{"model":{"id":"a"}}`, "y"},
+		{`{"nested":{"model":"inner"},"model":"outer"}`, "z"},
+		{`{"model":"first","model":"second"}`, "z"},
+		{`{"mod\u0065l":"escaped-key"}`, "z"},
+		{`{"Model":"case"}`, "z"},
+		{`{"model":"a","MODEL":"b"}`, "z"},
+		{`{"model":"a","x":{"model":"b"},"m\u006fdel":"c"}`, "z"},
+		{`{"model":"org/model-8","content":"\"model\" \u00e9"}`, "z"},
+		{`[{"model":"array"}]`, "z"},
+		{`"model"`, "z"},
+		{``, "z"},
+		{`   `, "z"},
+		{`{`, "z"},
+		{`{"model":"trunc`, "z"},
+		{`{"model":"ok"} trailing`, "z"},
+		{`{"model":"ok"}{"model":"two"}`, "z"},
+		{"{\"model\":\"a\r\nx-cortex-cluster: evil\"}", "z"},
+		{`{"model":"a\r\nx-cortex-cluster: evil"}`, "z"},
+		{`{"model":"\u0000"}`, "z"},
+		{`{"model":"\ud800"}`, "z"},
+		{"{\"model\":\"\xff\xfe\"}", "z"},
+		{"\ufeff{\"model\":\"bom\"}", "z"},
+		{`{"model":"` + string(bytes.Repeat([]byte("x"), MaxModelLen)) + `"}`, "short"},
+		{`{"model":"` + string(bytes.Repeat([]byte("x"), MaxModelLen+1)) + `"}`, "short"},
+		{" \t\r\n{\"model\" \t:\r\n\"ws\"\n}\n", "ü/ñ"},
+		{`{"model":"x","n":1e400,"s":"\ud83d\ude00"}`, "emoji \U0001F600"},
+	}
+	for _, s := range seeds {
+		f.Add([]byte(s.body), s.id)
+	}
+	f.Fuzz(func(t *testing.T, body []byte, newID string) {
+		orig := bytes.Clone(body)
+		m, aerr := Find(body)
+		if !bytes.Equal(body, orig) {
+			t.Fatal("Find modified its input")
+		}
+		if aerr != nil {
+			if aerr.Status != 400 {
+				t.Fatalf("Find error status %d, want 400 (%s)", aerr.Status, aerr.Message)
+			}
+			return
+		}
+
+		// What Find accepted.
+		if !json.Valid(body) {
+			t.Fatalf("Find accepted a body encoding/json rejects: %q", body)
+		}
+		if CheckID(m.ID) != nil {
+			t.Fatalf("Find returned id %q that CheckID refuses", m.ID)
+		}
+		if m.start < 0 || m.end > len(body) || m.start >= m.end {
+			t.Fatalf("span [%d,%d) outside body of %d bytes", m.start, m.end, len(body))
+		}
+		var atSpan string
+		if err := json.Unmarshal(body[m.start:m.end], &atSpan); err != nil {
+			t.Fatalf("span %q is not a JSON string: %v", body[m.start:m.end], err)
+		}
+		if atSpan != m.ID {
+			t.Fatalf("Find ID %q, but the span decodes to %q", m.ID, atSpan)
+		}
+		if r := gjson.GetBytes(body, "model"); r.Str != m.ID {
+			t.Fatalf("Find ID %q, gjson's unescaped value %q", m.ID, r.Str)
+		}
+		// Exactly one top-level "model" (in any case: Go's decoder ignores
+		// case), and an independent decoder agrees on its value: the
+		// neuron reads the model we routed.
+		if n, v := topLevelModels(body); n != 1 || v != m.ID {
+			t.Fatalf("Find ID %q, encoding/json sees %d model keys, the last %q", m.ID, n, v)
+		}
+
+		// Rewrite with an arbitrary replacement. Only ids that CheckID
+		// accepts ever reach Rewrite in production (catalogue ids and
+		// requested ids), but the splice must hold for any valid UTF-8.
+		if !utf8.ValidString(newID) {
+			return
+		}
+		in := bytes.Clone(body)
+		out := Rewrite(in, m, newID)
+		q, _ := json.Marshal(newID)
+		if len(out) != len(body)-(m.end-m.start)+len(q) {
+			t.Fatalf("rewritten length %d, want %d", len(out), len(body)-(m.end-m.start)+len(q))
+		}
+		if !bytes.Equal(out[:m.start], body[:m.start]) {
+			t.Fatal("bytes before the model value changed")
+		}
+		if !bytes.Equal(out[m.start+len(q):], body[m.end:]) {
+			t.Fatal("bytes after the model value changed")
+		}
+		if !json.Valid(out) {
+			t.Fatalf("rewrite of a valid body is invalid JSON: %q", out)
+		}
+		if CheckID(newID) == nil {
+			m2, aerr := Find(out)
+			if aerr != nil {
+				t.Fatalf("Find on the rewritten body: %s", aerr.Message)
+			}
+			if m2.ID != newID {
+				t.Fatalf("rewritten body's model is %q, want %q", m2.ID, newID)
+			}
+		}
+	})
+}
+
+// topLevelModels counts the top-level keys of a JSON object that equal
+// "model" after unescaping, ignoring case, and returns the last one's value
+// when it is a string (what encoding/json would decode into a struct).
+func topLevelModels(body []byte) (n int, last string) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return 0, ""
+	}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return 0, ""
+		}
+		key, _ := tok.(string)
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return 0, ""
+		}
+		if strings.EqualFold(key, "model") {
+			n++
+			last = ""
+			_ = json.Unmarshal(v, &last)
+		}
+	}
+	return n, last
+}
