@@ -112,6 +112,10 @@ type Server struct {
 	opt    Options
 	log    *slog.Logger
 	remove []string // client-sent routing headers to strip
+	parts  partsCache
+	// headersReply is the same for every request with a body: continue,
+	// and strip client-sent routing headers.
+	headersReply *extprocv3.ProcessingResponse
 }
 
 // New builds a Server.
@@ -135,7 +139,12 @@ func New(r Router, opt Options) *Server {
 	if h := strings.ToLower(opt.Upstream.Header()); h != "" && !contains(remove, h) {
 		remove = append(remove, h)
 	}
-	return &Server{router: r, opt: opt, log: opt.Log, remove: remove}
+	s := &Server{router: r, opt: opt, log: opt.Log, remove: remove}
+	s.headersReply = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
+		RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
+			HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: remove},
+		}}}}
+	return s
 }
 
 // WaitBudget returns the override_message_timeout to send before a cold-load
@@ -158,7 +167,7 @@ type stream struct {
 	bodyDone  bool
 	badMode   string // non-empty when Envoy's body mode cannot route
 	target    routing.Target
-	routed    bool
+	parts     *replyParts // set once routed
 }
 
 // Process handles one HTTP request's messages, strictly one reply per
@@ -218,16 +227,13 @@ func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) 
 	case *extprocv3.ProcessingRequest_RequestBody:
 		return st.requestBody(ctx, r.RequestBody)
 	case *extprocv3.ProcessingRequest_RequestTrailers:
-		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{
-			RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
+		return continueRequestTrailers, nil
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
 		return st.responseHeaders(), nil
 	case *extprocv3.ProcessingRequest_ResponseBody:
-		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
-			ResponseBody: &extprocv3.BodyResponse{}}}, nil
+		return continueResponseBody, nil
 	case *extprocv3.ProcessingRequest_ResponseTrailers:
-		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{
-			ResponseTrailers: &extprocv3.TrailersResponse{}}}, nil
+		return continueResponseTrailers, nil
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "cortex-extproc: unsupported ext_proc message %T; expected request/response headers, body or trailers", r)
 	}
@@ -238,9 +244,9 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processing
 	for _, kv := range h.GetHeaders().GetHeaders() {
 		switch kv.GetKey() {
 		case ":path":
-			st.path = headerValue(kv)
+			st.path = knownString(rawValue(kv))
 		case ":method":
-			st.method = headerValue(kv)
+			st.method = knownString(rawValue(kv))
 		case "x-request-id":
 			st.requestID = headerValue(kv)
 		}
@@ -257,10 +263,7 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processing
 			Message: "Envoy's ext_proc filter sends the request body in mode " + st.badMode +
 				"; cortex-extproc routes on the body and needs processing_mode.request_body_mode: BUFFERED (see envoy/envoy.yaml)"})
 	}
-	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
-		RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
-			HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: st.srv.remove},
-		}}}}
+	return st.srv.headersReply
 }
 
 // bodiless answers a request with no body: the model list, or a clear error.
@@ -286,8 +289,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (*extp
 	if st.bodyDone {
 		// BUFFERED sends exactly one body message; in other modes (or from a
 		// confused peer) every further chunk still needs its reply.
-		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
-			RequestBody: &extprocv3.BodyResponse{}}}, nil
+		return continueBody, nil
 	}
 	st.bodyDone = true
 	if !st.sawHeader {
@@ -320,7 +322,6 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (*extp
 		}
 	}
 	st.target = t
-	st.routed = true
 	value, aerr := st.srv.opt.Upstream.Value(&t)
 	if aerr != nil {
 		return st.decided(&t, aerr, start), nil
@@ -365,30 +366,25 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 // the rewritten body with its content-length, and a route cache clear in the
 // same CommonResponse (Envoy ignores the clear without a header mutation).
 func (st *stream) route(body []byte, m reqbody.Model, t *routing.Target, value string) *extprocv3.ProcessingResponse {
-	up := st.srv.opt.Upstream
-	set := make([]*corev3.HeaderValueOption, 0, 5)
-	set = append(set,
-		setHeader(up.Header(), value),
-		setHeader(HeaderNode, t.Node),
-		setHeader(HeaderModel, t.Model),
-		setHeader(HeaderColdStart, strconv.FormatBool(t.ColdStart)),
-	)
+	st.parts = st.srv.parts.get(st.srv.opt.Upstream, t, value)
 	common := &extprocv3.CommonResponse{
-		HeaderMutation:  &extprocv3.HeaderMutation{SetHeaders: set},
+		HeaderMutation:  &extprocv3.HeaderMutation{SetHeaders: st.parts.set},
 		ClearRouteCache: true,
 	}
 	if t.Model != m.ID {
 		nb := reqbody.Rewrite(body, m, t.Model)
 		// Envoy keeps the client's content-length in BUFFERED mode and
 		// rejects a body whose length differs from it.
-		common.HeaderMutation.SetHeaders = append(common.HeaderMutation.SetHeaders,
-			setHeader("content-length", strconv.Itoa(len(nb))))
+		set := make([]*corev3.HeaderValueOption, len(st.parts.set), len(st.parts.set)+1)
+		copy(set, st.parts.set)
+		common.HeaderMutation.SetHeaders = append(set, setHeader("content-length", strconv.Itoa(len(nb))))
 		common.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: nb}}
 	}
-	resp := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
-		RequestBody: &extprocv3.BodyResponse{Response: common}}}
-	resp.DynamicMetadata = dynamicMetadata(t, up.DynamicMetadataKey(), value)
-	return resp
+	return &extprocv3.ProcessingResponse{
+		Response: &extprocv3.ProcessingResponse_RequestBody{
+			RequestBody: &extprocv3.BodyResponse{Response: common}},
+		DynamicMetadata: st.parts.metadata,
+	}
 }
 
 // decided reports the decision and renders an error, if any.
@@ -404,19 +400,15 @@ func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time)
 }
 
 func (st *stream) responseHeaders() *extprocv3.ProcessingResponse {
-	hm := &extprocv3.HeaderMutation{}
-	if st.routed {
-		hm.SetHeaders = []*corev3.HeaderValueOption{
-			setHeader(HeaderNode, st.target.Node),
-			setHeader(HeaderModel, st.target.Model),
-			setHeader(HeaderColdStart, strconv.FormatBool(st.target.ColdStart)),
-		}
-	}
 	// The upstream has answered: the request no longer blocks an eviction
 	// through us (the neuron's own in_flight covers the rest of a stream).
 	st.target.Release()
+	if st.parts == nil {
+		return plainResponseHeaders
+	}
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
-		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: hm}}}}
+		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
+			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: st.parts.response}}}}}
 }
 
 // immediate renders a client-visible error as Envoy's local reply, in
@@ -451,6 +443,14 @@ func headerValue(h *corev3.HeaderValue) string {
 		return string(h.GetRawValue())
 	}
 	return h.GetValue()
+}
+
+// rawValue is headerValue without the copy.
+func rawValue(h *corev3.HeaderValue) []byte {
+	if len(h.GetRawValue()) > 0 {
+		return h.GetRawValue()
+	}
+	return []byte(h.GetValue())
 }
 
 func contains(list []string, s string) bool {
