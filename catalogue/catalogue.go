@@ -95,6 +95,9 @@ type Catalogue struct {
 	models  []*Profile // sorted by ID
 	byID    map[string]*Profile
 	aliases map[string]string
+	// hidden names the aliases from [hidden_aliases]: they route like any
+	// alias but are left out of GET /v1/models.
+	hidden map[string]bool
 	// Hash is the hex SHA-256 of the file content it was built from.
 	Hash string
 	// warnings are the problems Parse tolerated (see Warnings).
@@ -144,8 +147,27 @@ func (c *Catalogue) Profile(id string) *Profile { return c.byID[id] }
 // Models returns the profiles sorted by ID. Callers must not modify them.
 func (c *Catalogue) Models() []*Profile { return c.models }
 
-// Aliases returns alias → target. Callers must not modify it.
+// Aliases returns alias → target, hidden aliases included. Callers must
+// not modify it.
 func (c *Catalogue) Aliases() map[string]string { return c.aliases }
+
+// Hidden reports whether alias comes from [hidden_aliases]: it routes, but
+// GET /v1/models does not list it.
+func (c *Catalogue) Hidden(alias string) bool { return c.hidden[alias] }
+
+// WithHidden returns a copy of c in which the named aliases are hidden
+// (names that are not aliases are ignored). Parse uses it for
+// [hidden_aliases]; tests use it to build catalogues in code.
+func (c *Catalogue) WithHidden(names ...string) *Catalogue {
+	n := *c
+	n.hidden = make(map[string]bool, len(names))
+	for _, a := range names {
+		if _, ok := c.aliases[a]; ok {
+			n.hidden[a] = true
+		}
+	}
+	return &n
+}
 
 // Priority is the residency priority of a concrete id; a model unknown to
 // the catalogue ranks DefaultPriority.

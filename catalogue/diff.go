@@ -12,7 +12,8 @@ type Changes struct {
 	Added   []string // model ids new in the catalogue
 	Removed []string // model ids no longer in it
 	Changed []string // model ids whose profile differs
-	// AliasesChanged names aliases added, removed or pointed elsewhere.
+	// AliasesChanged names aliases added, removed, pointed elsewhere, or
+	// hidden or shown.
 	AliasesChanged []string
 }
 
@@ -39,7 +40,9 @@ func Diff(prev, next *Catalogue) Changes {
 		}
 	}
 	for a, t := range next.aliases {
-		if ot, ok := prev.aliases[a]; !ok || ot != t {
+		// Moving an alias between [aliases] and [hidden_aliases] changes
+		// what /v1/models lists, so it counts too.
+		if ot, ok := prev.aliases[a]; !ok || ot != t || prev.hidden[a] != next.hidden[a] {
 			d.AliasesChanged = append(d.AliasesChanged, a)
 		}
 	}

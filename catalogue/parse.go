@@ -79,6 +79,23 @@ func (e *ValidationError) Error() string {
 type file struct {
 	Models  []*Profile        `toml:"models"`
 	Aliases map[string]string `toml:"aliases"`
+	// HiddenAliases have the [aliases] format and rules; they route the
+	// same way but are not listed on GET /v1/models (internal or
+	// deprecated names).
+	HiddenAliases map[string]string `toml:"hidden_aliases"`
+}
+
+// allAliases merges [aliases] and [hidden_aliases]; a name in both keeps
+// its [aliases] target (validate reports the clash).
+func (f *file) allAliases() map[string]string {
+	all := make(map[string]string, len(f.Aliases)+len(f.HiddenAliases))
+	for a, t := range f.HiddenAliases {
+		all[a] = t
+	}
+	for a, t := range f.Aliases {
+		all[a] = t
+	}
+	return all
 }
 
 // Parse builds a validated catalogue from models.toml content (the existing
@@ -134,7 +151,14 @@ func Parse(data []byte) (*Catalogue, error) {
 		return nil, &ValidationError{Problems: problems}
 	}
 	sum := sha256.Sum256(data)
-	c := New(f.Models, f.Aliases, hex.EncodeToString(sum[:]))
+	c := New(f.Models, f.allAliases(), hex.EncodeToString(sum[:]))
+	if len(f.HiddenAliases) > 0 {
+		hidden := make([]string, 0, len(f.HiddenAliases))
+		for a := range f.HiddenAliases {
+			hidden = append(hidden, a)
+		}
+		c = c.WithHidden(hidden...)
+	}
 	c.warnings = warnings
 	return c, nil
 }
@@ -231,14 +255,22 @@ func validate(f *file) (problems, warnings []Problem) {
 		}
 	}
 
-	names := make([]string, 0, len(f.Aliases))
-	for a := range f.Aliases {
+	aliases := f.allAliases()
+	names := make([]string, 0, len(aliases))
+	for a := range aliases {
 		names = append(names, a)
 	}
 	sort.Strings(names)
 	for _, a := range names {
-		target := f.Aliases[a]
+		target := aliases[a]
 		key := "aliases." + formatKeyPart(a)
+		if _, hidden := f.HiddenAliases[a]; hidden {
+			if _, listed := f.Aliases[a]; listed {
+				fail("hidden_aliases."+formatKeyPart(a), "alias is also in [aliases]; keep it in one table ([hidden_aliases] routes it without listing it on /v1/models)")
+			} else {
+				key = "hidden_aliases." + formatKeyPart(a)
+			}
+		}
 		if strings.TrimSpace(a) == "" {
 			fail(key, "alias name is empty; name the alias clients will request")
 		}
@@ -247,7 +279,7 @@ func validate(f *file) (problems, warnings []Problem) {
 		}
 		_, targetIsModel := firstAt[target]
 		// A name that is both (reported above) counts as the model here.
-		_, targetIsAlias := f.Aliases[target]
+		_, targetIsAlias := aliases[target]
 		targetIsAlias = targetIsAlias && !targetIsModel
 		switch {
 		case strings.TrimSpace(target) == "":
@@ -264,7 +296,7 @@ func validate(f *file) (problems, warnings []Problem) {
 		}
 	}
 
-	if len(f.Models) == 0 && len(f.Aliases) == 0 {
+	if len(f.Models) == 0 && len(aliases) == 0 {
 		warnings = append(warnings, Problem{Message: "the catalogue declares no [[models]] and no [aliases]; only models a neuron already has can be served"})
 	}
 	return problems, warnings

@@ -12,6 +12,7 @@ import (
 
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/neuron"
 	"github.com/helexa/cortex-extproc/routing"
 )
 
@@ -31,6 +32,10 @@ type Entry struct {
 	MaxModelLen     int64            `json:"max_model_len,omitempty"`
 	MaxOutputTokens int64            `json:"max_output_tokens,omitempty"`
 }
+
+// StatusLoading is the location status of a model a neuron reports in its
+// /health activation (pending or in progress): being pre-warmed there.
+const StatusLoading = "loading"
 
 // Location is where a model is: a node and its status there (loaded,
 // unloaded, reloading, recovering, or loading while a neuron pre-warms it).
@@ -95,8 +100,16 @@ func (l *List) refresh() {
 }
 
 // Build lists every catalogue model, every model resident or known on a
-// healthy node, and every alias (mirroring its target), sorted by id.
+// healthy node (or being pre-warmed by one), and every alias except the
+// hidden ones (mirroring its target), sorted by id. Unhealthy nodes count
+// neither as locations nor in feasible_on: routing would not use them.
 func Build(cat *catalogue.Catalogue, snap *fleet.Snapshot, created int64) []Entry {
+	if cat == nil {
+		cat = catalogue.Empty()
+	}
+	if snap == nil {
+		snap = &fleet.Snapshot{}
+	}
 	byID := map[string]*Entry{}
 	get := func(id string) *Entry {
 		if e, ok := byID[id]; ok {
@@ -114,6 +127,8 @@ func Build(cat *catalogue.Catalogue, snap *fleet.Snapshot, created int64) []Entr
 			l := *p.Limit
 			e.Limit = &l
 		}
+		// Absent vs zero cost is meaningful (not priced vs free), so the
+		// pointer is passed through as is, never defaulted.
 		e.Cost = p.Cost
 		for _, n := range snap.Nodes {
 			if ok, _ := routing.Feasible(p, n); ok && n.Healthy {
@@ -132,19 +147,26 @@ func Build(cat *catalogue.Catalogue, snap *fleet.Snapshot, created int64) []Entr
 				e.Loaded = true
 			}
 			e.Capabilities = union(e.Capabilities, m.Capabilities)
-			if e.Limit == nil && m.Limit != nil {
-				e.Limit = &catalogue.Limit{Context: m.Limit.Context, Input: m.Limit.Input, Output: m.Limit.Output}
-			}
+			e.Limit = fillLimit(e.Limit, m.Limit)
 		}
 		if n.Health != nil {
 			for _, id := range n.Health.Activation.Loading() {
-				if e := get(id); !hasLocation(e, n.Name) {
-					e.Locations = append(e.Locations, Location{Node: n.Name, Status: "loading"})
+				e := get(id)
+				switch i := locationIndex(e, n.Name); {
+				case i < 0:
+					e.Locations = append(e.Locations, Location{Node: n.Name, Status: StatusLoading})
+				case !neuron.Status(e.Locations[i].Status).Resident():
+					// /models may still say unloaded while the neuron
+					// pre-warms it; loading is the more useful truth.
+					e.Locations[i].Status = StatusLoading
 				}
 			}
 		}
 	}
 	for alias, target := range cat.Aliases() {
+		if cat.Hidden(alias) {
+			continue // [hidden_aliases] route but are not advertised
+		}
 		// An alias whose target is known nowhere is still listed (it routes
 		// to a 404 that names the target), but does not invent the target.
 		a := Entry{ID: target, Object: "model", Created: created,
@@ -166,13 +188,34 @@ func Build(cat *catalogue.Catalogue, snap *fleet.Snapshot, created int64) []Entr
 	return out
 }
 
-func hasLocation(e *Entry, node string) bool {
-	for _, l := range e.Locations {
+func locationIndex(e *Entry, node string) int {
+	for i, l := range e.Locations {
 		if l.Node == node {
-			return true
+			return i
 		}
 	}
-	return false
+	return -1
+}
+
+// fillLimit completes the catalogue's limit with what a neuron reports: the
+// operator's numbers win, the neuron's fill the ones the operator left out.
+func fillLimit(l *catalogue.Limit, n *neuron.Limit) *catalogue.Limit {
+	if n == nil {
+		return l
+	}
+	if l == nil {
+		return &catalogue.Limit{Context: n.Context, Input: n.Input, Output: n.Output}
+	}
+	if l.Context == 0 {
+		l.Context = n.Context
+	}
+	if l.Input == 0 {
+		l.Input = n.Input
+	}
+	if l.Output == 0 {
+		l.Output = n.Output
+	}
+	return l
 }
 
 // owner is the organisation part of a repo id ("Qwen/Qwen3-8B" → "Qwen").

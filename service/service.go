@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -32,6 +33,7 @@ import (
 	"github.com/helexa/cortex-extproc/modellist"
 	"github.com/helexa/cortex-extproc/neuron"
 	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/xds"
 )
 
 // Health service names answered on the gRPC port.
@@ -47,6 +49,7 @@ type Service struct {
 	log      *slog.Logger
 	store    *catalogue.Store
 	poller   *fleet.Poller
+	xds      *xds.Server // nil unless [xds] enabled
 	loader   *routing.ColdLoader
 	router   *routing.Router
 	metrics  *metrics.Metrics
@@ -54,7 +57,8 @@ type Service struct {
 	grpc     *grpc.Server
 	admin    *http.Server
 	models   *modellist.List
-	clients  map[string]neuron.API
+	clients  atomic.Pointer[map[string]neuron.API] // swapped whole by a [[neurons]] reload
+	neurons  *neuronReloader                       // nil without a config file
 	ready    chan struct{}
 	readyMu  sync.Mutex
 	isReady  bool
@@ -68,7 +72,7 @@ type Service struct {
 // an error here: there is no previous good one to keep) and binds both
 // listeners, so a port clash fails fast.
 func New(cfg config.Config, log *slog.Logger) (*Service, error) {
-	s := &Service{cfg: cfg, log: log, metrics: metrics.New(), ready: make(chan struct{}), clients: map[string]neuron.API{}}
+	s := &Service{cfg: cfg, log: log, metrics: metrics.New(), ready: make(chan struct{})}
 
 	cat := catalogue.Empty()
 	if cfg.ModelsConfig != "" {
@@ -94,15 +98,11 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		MaxIdleConnsPerHost: 8,
 		IdleConnTimeout:     90 * time.Second,
 	}}
-	var ns []fleet.Neuron
-	for _, n := range cfg.Neurons {
-		c, err := neuron.New(n.Name, n.Endpoint, hc)
-		if err != nil {
-			return nil, fmt.Errorf("neurons %q: %w", n.Name, err)
-		}
-		s.clients[n.Name] = c
-		ns = append(ns, fleet.Neuron{Name: n.Name, Cluster: n.ClusterName(), Endpoint: n.Endpoint, API: c})
+	clients, ns, err := neuronClients(cfg.Neurons, hc, nil)
+	if err != nil {
+		return nil, err
 	}
+	s.clients.Store(&clients)
 	s.poller = fleet.NewPoller(fleet.PollerConfig{
 		Interval:         cfg.Poll.Interval,
 		Timeout:          cfg.Poll.Timeout,
@@ -111,13 +111,16 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		OnHealth:         s.metrics.NeuronHealth,
 		OnRemove:         s.metrics.NeuronRemoved,
 	}, ns, log)
+	if cfg.File != "" {
+		s.neurons = newNeuronReloader(cfg, log, hc, s.poller, &s.clients)
+	}
 
 	usage := routing.NewUsage()
 	s.loader = routing.NewColdLoader(routing.ColdLoadConfig{
 		Timeout:         cfg.ColdLoad.Timeout,
-		MaxEvictions:    cfg.ColdLoad.MaxEvictions,
+		MaxEvictions:    cfg.ColdLoad.EvictionLimit(),
 		MaxWaiters:      cfg.ColdLoad.MaxWaiters,
-		FailureCooldown: cfg.ColdLoad.FailureCooldown,
+		FailureCooldown: cfg.ColdLoad.Cooldown(),
 	}, routing.ColdLoadDeps{
 		Catalogue:  s.store.Load,
 		Fleet:      s.poller.Snapshot,
@@ -131,6 +134,11 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	s.models = modellist.New(s.store.Load, s.poller.Snapshot)
 
 	var upstream extproc.Upstream = extproc.ClusterHeader{Name: cfg.Upstream.ClusterHeader}
+	if cfg.XDS.Enabled {
+		// Clusters come from us over ADS: name one only once Envoy ACKed it.
+		s.xds = xds.New(xds.Options{Fleet: s.poller, ClusterHeader: cfg.Upstream.ClusterHeader, Log: log})
+		upstream = s.xds.Upstream()
+	}
 	if cfg.Upstream.Mode == config.ModeOriginalDst {
 		upstream = extproc.NewOriginalDst(nil)
 	}
@@ -152,6 +160,9 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	extprocv3.RegisterExternalProcessorServer(s.grpc, ep)
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
+	if s.xds != nil {
+		s.xds.Register(s.grpc)
+	}
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(HealthLiveness, healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(HealthReadiness, healthpb.HealthCheckResponse_NOT_SERVING)
@@ -179,7 +190,7 @@ func (s *Service) AdminAddr() string { return s.adminLis.Addr().String() }
 func (s *Service) Ready() <-chan struct{} { return s.ready }
 
 func (s *Service) neuron(name string) neuron.API {
-	if c, ok := s.clients[name]; ok {
+	if c, ok := (*s.clients.Load())[name]; ok {
 		return c
 	}
 	return nil
@@ -199,6 +210,12 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 	}()
 	go s.poller.Run(runCtx)
+	if s.xds != nil {
+		go s.xds.Run(runCtx)
+	}
+	if s.neurons != nil {
+		go s.neurons.run(runCtx)
+	}
 	if s.cfg.ModelsConfig != "" {
 		go func() {
 			err := catalogue.Watch(runCtx, s.cfg.ModelsConfig, s.store, catalogue.WatchOptions{
@@ -273,6 +290,11 @@ func (s *Service) drain() {
 	s.log.Info("draining: readiness NOT_SERVING, waiting for open ext_proc streams", "timeout", s.cfg.ExtProc.DrainTimeout)
 
 	done := make(chan struct{})
+	if s.xds != nil {
+		// ADS streams never end on their own; GracefulStop would wait
+		// drain_timeout for them. Envoy keeps the clusters it has.
+		s.xds.Stop()
+	}
 	go func() { s.grpc.GracefulStop(); close(done) }()
 	select {
 	case <-done:

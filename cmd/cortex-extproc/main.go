@@ -131,6 +131,9 @@ func serve(ctx context.Context, cfgFile string) error {
 	for _, k := range res.Unknown {
 		log.Warn("unknown config key ignored; check its spelling", "key", k, "file", cfgFile)
 	}
+	for _, name := range res.UnknownEnv {
+		log.Warn("environment variable matches no config key and is ignored; sections are joined by __", "variable", name)
+	}
 	if ps := res.Config.Validate(); len(ps) > 0 {
 		for _, p := range ps {
 			log.Error("config problem", "key", p.Key, "problem", p.Message)
@@ -170,49 +173,72 @@ func newLogger(c config.Log, w *os.File) (*slog.Logger, error) {
 	return slog.New(slog.NewJSONHandler(w, opts)), nil
 }
 
+// validateCmd prints every problem in the config and the catalogue, each
+// as "file: key: message", and returns errProblems if there is any.
 func validateCmd(out io.Writer, cfgFile, catFile string) error {
 	var problems []string
-	models := 0
-	neurons := 0
-	if cfgFile != "" {
-		res, err := config.Load(cfgFile)
-		if err != nil {
-			fmt.Fprintf(out, "%v\n", err)
-			return errProblems
-		}
-		for _, k := range res.Unknown {
-			problems = append(problems, fmt.Sprintf("%s: %s: unknown key; check its spelling (see README, Configuration)", cfgFile, k))
-		}
-		if catFile != "" {
-			res.Config.ModelsConfig = catFile
-		}
-		for _, p := range res.Config.Validate() {
-			problems = append(problems, fmt.Sprintf("%s: %s", cfgFile, p))
-		}
-		neurons = len(res.Config.Neurons)
-		if catFile == "" {
-			catFile = res.Config.ModelsConfig
-		}
-	} else if catFile == "" {
+	problem := func(file, msg string) { problems = append(problems, file+": "+msg) }
+	models, aliases, neurons := 0, 0, 0
+	if cfgFile == "" && catFile == "" {
 		fmt.Fprintln(out, "nothing to validate: give --config FILE and/or --catalogue FILE")
 		return errProblems
 	}
+	if cfgFile != "" {
+		res, err := config.Load(cfgFile)
+		var le *config.LoadError
+		if err != nil && !errors.As(err, &le) {
+			le = &config.LoadError{File: cfgFile, Problems: []config.Problem{{Message: err.Error()}}}
+		}
+		// Keys already reported as undecodable are not reported again by
+		// Validate (they decoded as zero).
+		reported := map[string]bool{}
+		if le != nil {
+			for _, p := range le.Problems {
+				problem(cfgFile, p.String())
+				reported[p.Key] = true
+			}
+		}
+		// A wrong-typed value still leaves the rest decoded (File set);
+		// a syntax error leaves nothing to check.
+		if res.Config.File != "" {
+			for _, k := range res.Unknown {
+				problem(cfgFile, k+": unknown key; check its spelling (README, Configuration)")
+			}
+			for _, name := range res.UnknownEnv {
+				fmt.Fprintf(out, "warning: environment %s matches no key and is ignored (sections are joined by __, e.g. %s)\n", name, config.EnvName("extproc.listen"))
+			}
+			if catFile != "" {
+				res.Config.ModelsConfig = catFile
+			}
+			for _, p := range res.Config.Validate() {
+				if reported[p.Key] {
+					continue
+				}
+				reported[p.Key] = true
+				problem(cfgFile, p.String())
+			}
+			neurons = len(res.Config.Neurons)
+			// A models_config problem (unset, missing file) is already
+			// reported; reading the catalogue would say it again.
+			if catFile == "" && !reported["models_config"] {
+				catFile = res.Config.ModelsConfig
+			}
+		}
+	}
 	if catFile != "" {
 		c, err := catalogue.LoadFile(catFile)
+		var ve *catalogue.ValidationError
 		switch {
-		case err != nil:
-			var ve *catalogue.ValidationError
-			if errors.As(err, &ve) {
-				for _, p := range ve.Problems {
-					problems = append(problems, fmt.Sprintf("%s: %s: %s", catFile, p.Key, p.Message))
-				}
-			} else {
-				problems = append(problems, err.Error())
+		case errors.As(err, &ve):
+			for _, p := range ve.Problems {
+				problem(catFile, p.String())
 			}
+		case err != nil:
+			problems = append(problems, err.Error())
 		default:
-			models = len(c.Models())
+			models, aliases = len(c.Models()), len(c.Aliases())
 			for _, w := range c.Warnings() {
-				fmt.Fprintf(out, "warning: %s: %s: %s\n", catFile, w.Key, w.Message)
+				fmt.Fprintf(out, "warning: %s: %s\n", catFile, w)
 			}
 		}
 	}
@@ -223,7 +249,11 @@ func validateCmd(out io.Writer, cfgFile, catFile string) error {
 		fmt.Fprintf(out, "%d problem(s) found\n", len(problems))
 		return errProblems
 	}
-	fmt.Fprintf(out, "ok: %d neuron(s), %d catalogue model(s)\n", neurons, models)
+	if cfgFile == "" {
+		fmt.Fprintf(out, "ok: %d catalogue model(s), %d alias(es)\n", models, aliases)
+		return nil
+	}
+	fmt.Fprintf(out, "ok: %d neuron(s), %d catalogue model(s), %d alias(es)\n", neurons, models, aliases)
 	return nil
 }
 
@@ -258,34 +288,40 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		return err
 	}
 	cfg := res.Config
+	if ps := cfg.Validate(); len(ps) > 0 {
+		return fmt.Errorf("config %s has %d problem(s), first %s; run `cortex-extproc validate --config %s`", cfgFile, len(ps), ps[0], cfgFile)
+	}
 	cat := catalogue.Empty()
 	if cfg.ModelsConfig != "" {
 		if cat, err = catalogue.LoadFile(cfg.ModelsConfig); err != nil {
 			return err
 		}
 	}
-	var ns []fleet.Neuron
-	for _, n := range cfg.Neurons {
-		c, err := neuron.New(n.Name, n.Endpoint, nil)
-		if err != nil {
-			return fmt.Errorf("neurons %q: %w", n.Name, err)
-		}
-		ns = append(ns, fleet.Neuron{Name: n.Name, Cluster: n.ClusterName(), Endpoint: n.Endpoint, API: c})
+	ns, err := neuronList(cfg.Neurons)
+	if err != nil {
+		return err
 	}
 	// One round is all `route` needs: the threshold is 1 so a neuron that
-	// fails its single poll shows as unhealthy.
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	// fails its single poll shows as unhealthy. The poller only reads:
+	// nothing is loaded or evicted.
+	quiet := slog.New(slog.DiscardHandler)
 	p := fleet.NewPoller(fleet.PollerConfig{Interval: time.Hour, Timeout: cfg.Poll.Timeout, FailureThreshold: 1}, ns, quiet)
 	if ctx == nil {
 		ctx = context.Background()
 	}
 	pctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go p.Run(pctx)
+	stopped := make(chan struct{})
+	go func() { _ = p.Run(pctx); close(stopped) }()
+	defer func() { cancel(); <-stopped }()
+	// Each neuron call is bounded by poll.timeout; a round makes a few
+	// per neuron (health, discovery, models, one endpoint per model).
+	limit := 10*cfg.Poll.Timeout + 5*time.Second
 	select {
 	case <-p.Ready():
-	case <-time.After(cfg.Poll.Timeout + 5*time.Second):
-		return fmt.Errorf("the fleet poll did not finish within %s", cfg.Poll.Timeout+5*time.Second)
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(limit):
+		return fmt.Errorf("the fleet poll did not finish within %s; check the neurons' endpoints and poll.timeout", limit)
 	}
 	snap := p.Snapshot()
 	d, aerr := routing.Decide(cat, snap, model)
@@ -300,9 +336,9 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 	case d.Step == routing.StepColdLoad:
 		usage := routing.NewUsage()
 		plan, perr := routing.Place(cat, snap, cat.Profile(d.Model), routing.PlacementState{
-			Failed:     func(string, string) bool { return false },
-			LastAccess: usage.LastAccess,
-			InFlight:   usage.InFlight,
+			LastAccess:   usage.LastAccess,
+			InFlight:     usage.InFlight,
+			MaxEvictions: cfg.ColdLoad.EvictionLimit(),
 		})
 		if perr != nil {
 			aerr = perr
@@ -316,10 +352,21 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 	if aerr != nil {
 		v.Error = &errorView{aerr.Status, aerr.Code, aerr.Message, aerr.RetryAfter}
 	}
+	// An error decision is printed like any other, then exits 1 so a
+	// script can tell "would be served" from "would fail" without parsing.
+	fail := func() error {
+		if v.Error != nil {
+			return errProblems
+		}
+		return nil
+	}
 	if asJSON {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
-		return enc.Encode(v)
+		if err := enc.Encode(v); err != nil {
+			return err
+		}
+		return fail()
 	}
 	fmt.Fprintf(out, "model:      %s", v.Requested)
 	if v.Model != v.Requested {
@@ -333,15 +380,32 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 			fmt.Fprintf(out, " (Retry-After %d)", v.Error.RetryAfter)
 		}
 		fmt.Fprintln(out)
-		return nil
+		return fail()
 	}
 	fmt.Fprintf(out, "node:       %s\ncluster:    %s\n", v.Node, v.Cluster)
 	if v.Endpoint != "" {
 		fmt.Fprintf(out, "endpoint:   %s\n", v.Endpoint)
 	}
 	fmt.Fprintf(out, "cold start: %t\n", v.ColdStart)
-	if v.Load != nil && len(v.Load.Evict) > 0 {
-		fmt.Fprintf(out, "would evict: %s\n", strings.Join(v.Load.Evict, ", "))
+	if v.Load != nil {
+		evict := "nothing (it fits in free VRAM)"
+		if len(v.Load.Evict) > 0 {
+			evict = strings.Join(v.Load.Evict, ", ")
+		}
+		fmt.Fprintf(out, "would evict: %s\n", evict)
 	}
 	return nil
+}
+
+// neuronList builds a client for every configured neuron.
+func neuronList(cfg []config.Neuron) ([]fleet.Neuron, error) {
+	var ns []fleet.Neuron
+	for _, n := range cfg {
+		c, err := neuron.New(n.Name, n.Endpoint, nil)
+		if err != nil {
+			return nil, fmt.Errorf("neurons %q: %w", n.Name, err)
+		}
+		ns = append(ns, fleet.Neuron{Name: n.Name, Cluster: n.ClusterName(), Endpoint: n.Endpoint, API: c})
+	}
+	return ns, nil
 }

@@ -1,0 +1,912 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+// envoyLite is an http.Handler that stands in for Envoy configured as
+// envoy/envoy.yaml configures it: an HTTP connection manager with the
+// ext_proc filter (request headers SEND, request body BUFFERED, response
+// headers SEND, response body NONE, failure_mode_allow false) in front of
+// a catch-all route with `cluster_header: x-cortex-cluster`.
+//
+// It follows shared/docs/envoy-ext-proc.md strictly, so that a protocol
+// mistake in cortex-extproc fails a test here the way it would fail in
+// production: one gRPC stream per request, one reply per message, replies
+// of the wrong type are spurious (500), header values only from raw_value
+// (both set: 500; value only: empty header), the content-length check
+// after a body mutation (500), clear_route_cache honoured only next to a
+// header_mutation, the route cached at header time, a per-message timer
+// (504 with an empty body) that one standalone override_message_timeout
+// may restart. Mistakes Envoy tolerates silently (a second override, an
+// ignored clear_route_cache, a disallowed header mutation, a message after
+// the last expected reply) are recorded as problems in the access log, for
+// tests to fail on.
+type envoyLite struct {
+	conn     *grpc.ClientConn
+	ep       extprocv3.ExternalProcessorClient
+	clusters map[string]string // Envoy cluster name → upstream base URL
+	upstream *http.Client
+
+	clusterHeader      string
+	messageTimeout     time.Duration
+	maxMessageTimeout  time.Duration
+	bufferLimit        int
+	remoteCloseTimeout time.Duration
+
+	mu  sync.Mutex
+	log []*accessEntry
+	bg  sync.WaitGroup // stream closers still waiting for the server
+}
+
+// envoyLiteConfig mirrors the parts of envoy.yaml envoyLite implements.
+type envoyLiteConfig struct {
+	ExtProcAddr string
+	// Clusters maps Envoy cluster names (neuron-beast) to base URLs.
+	Clusters map[string]string
+	// Zero values take envoy.yaml's settings.
+	MessageTimeout    time.Duration // 30s
+	MaxMessageTimeout time.Duration // 1h
+	BufferLimit       int           // 32 MiB
+}
+
+func newEnvoyLite(cfg envoyLiteConfig) (*envoyLite, error) {
+	// Envoy accepts replies of any size (EnvoyGrpc max_receive_message_length
+	// 0); grpc-go's client default would cap the rewritten body at 4 MiB.
+	conn, err := grpc.NewClient(cfg.ExtProcAddr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)))
+	if err != nil {
+		return nil, fmt.Errorf("envoylite: ext_proc client for %s: %w", cfg.ExtProcAddr, err)
+	}
+	e := &envoyLite{
+		conn:     conn,
+		ep:       extprocv3.NewExternalProcessorClient(conn),
+		clusters: cfg.Clusters,
+		upstream: &http.Client{
+			Transport: &http.Transport{Proxy: nil, DisableCompression: true, MaxIdleConnsPerHost: 16},
+			// Envoy's router does not follow redirects.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		clusterHeader:      "x-cortex-cluster",
+		messageTimeout:     cfg.MessageTimeout,
+		maxMessageTimeout:  cfg.MaxMessageTimeout,
+		bufferLimit:        cfg.BufferLimit,
+		remoteCloseTimeout: time.Second,
+	}
+	if e.messageTimeout <= 0 {
+		e.messageTimeout = 30 * time.Second
+	}
+	if e.maxMessageTimeout <= 0 {
+		e.maxMessageTimeout = time.Hour
+	}
+	if e.bufferLimit <= 0 {
+		e.bufferLimit = 32 << 20
+	}
+	return e, nil
+}
+
+// Close waits for stream closers and closes the gRPC connection.
+func (e *envoyLite) Close() error {
+	e.bg.Wait()
+	e.upstream.CloseIdleConnections()
+	return e.conn.Close()
+}
+
+// accessEntry is one request as Envoy's access log would show it, plus
+// what envoyLite observed of the ext_proc exchange.
+type accessEntry struct {
+	RequestID string
+	Method    string
+	Path      string
+	Status    int
+	// Details is %RESPONSE_CODE_DETAILS%: via_upstream, cluster_not_found,
+	// the immediate response's details, ext_proc errors.
+	Details string
+	Flags   string // %RESPONSE_FLAGS%: NC, UF
+	Cluster string // %UPSTREAM_CLUSTER%
+	// Metadata is the dynamic metadata namespace "cortex"
+	// (metadata_options.receiving_namespaces in envoy.yaml).
+	Metadata map[string]any
+	// Sent lists the ext_proc messages sent, in order.
+	Sent []string
+	// Overrides counts accepted override_message_timeout messages.
+	Overrides int
+	// Problems are protocol mistakes Envoy would tolerate silently.
+	Problems []string
+}
+
+func (e *envoyLite) newEntry(method, path string) *accessEntry {
+	ent := &accessEntry{Method: method, Path: path}
+	e.mu.Lock()
+	e.log = append(e.log, ent)
+	e.mu.Unlock()
+	return ent
+}
+
+func (e *envoyLite) update(f func()) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f()
+}
+
+func (e *envoyLite) problem(ent *accessEntry, format string, args ...any) {
+	e.update(func() { ent.Problems = append(ent.Problems, fmt.Sprintf(format, args...)) })
+}
+
+// Entries returns a copy of the access log.
+func (e *envoyLite) Entries() []accessEntry {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]accessEntry, len(e.log))
+	for i, ent := range e.log {
+		out[i] = *ent
+		out[i].Sent = append([]string(nil), ent.Sent...)
+		out[i].Problems = append([]string(nil), ent.Problems...)
+	}
+	return out
+}
+
+// Entry returns the access log entry of the request with this x-request-id.
+func (e *envoyLite) Entry(requestID string) (accessEntry, bool) {
+	for _, ent := range e.Entries() {
+		if ent.RequestID == requestID {
+			return ent, true
+		}
+	}
+	return accessEntry{}, false
+}
+
+// localReply is a response Envoy generates itself.
+type localReply struct {
+	status  int
+	details string
+	flags   string
+	body    string
+	headers headerList // applied over the defaults (immediate responses)
+	// clientGone: nothing can be written; the HTTP request is over.
+	clientGone bool
+}
+
+func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	ent := e.newEntry(r.Method, r.URL.RequestURI())
+	hs := downstreamHeaders(r)
+	reqID, _ := hs.get("x-request-id")
+	e.update(func() { ent.RequestID = reqID })
+
+	// The HCM matches the route when the headers arrive, before any filter
+	// runs, and caches it: with cluster_header the cluster is taken from
+	// the client's headers now. Only a honoured clear_route_cache makes the
+	// router look again.
+	routeCluster, _ := hs.get(e.clusterHeader)
+
+	// BUFFERED: Envoy holds the whole body; above the buffer limit the
+	// client gets 413 and ext_proc never sees the body.
+	body, err := io.ReadAll(io.LimitReader(r.Body, int64(e.bufferLimit)+1))
+	if err != nil {
+		e.finish(w, ent, nil, &localReply{status: 400, details: "downstream_body_read_error", body: "Bad Request"})
+		return
+	}
+	if len(body) > e.bufferLimit {
+		e.finish(w, ent, nil, &localReply{status: 413, details: "request_payload_too_large", body: "Payload Too Large"})
+		return
+	}
+	noBody := r.ContentLength == 0
+
+	st := e.openStream(r.Context(), ent)
+	defer st.close()
+
+	// request_headers, with protocol_config on the first message.
+	resp, fail := st.exchange("request_headers", &extprocv3.ProcessingRequest{
+		Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+			Headers: hs.proto(), EndOfStream: noBody}},
+		ProtocolConfig: &extprocv3.ProtocolConfiguration{
+			RequestBodyMode:  filterv3.ProcessingMode_BUFFERED,
+			ResponseBodyMode: filterv3.ProcessingMode_NONE,
+		},
+	})
+	cleared := false
+	if fail == nil && resp != nil {
+		switch rr := resp.GetResponse().(type) {
+		case *extprocv3.ProcessingResponse_ImmediateResponse:
+			e.finish(w, ent, st, st.immediate(rr.ImmediateResponse))
+			return
+		case *extprocv3.ProcessingResponse_RequestHeaders:
+			var c bool
+			c, fail = st.applyRequestCommon(rr.RequestHeaders.GetResponse(), &hs, nil, "request_headers")
+			cleared = cleared || c
+		default:
+			fail = st.spurious("request_headers", resp)
+		}
+	}
+	if fail != nil {
+		e.finish(w, ent, st, fail)
+		return
+	}
+
+	// request_body: the one buffered body message, only after the headers reply.
+	if !noBody && st.active {
+		resp, fail = st.exchange("request_body", &extprocv3.ProcessingRequest{
+			Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: true}},
+		})
+		if fail == nil && resp != nil {
+			switch rr := resp.GetResponse().(type) {
+			case *extprocv3.ProcessingResponse_ImmediateResponse:
+				e.finish(w, ent, st, st.immediate(rr.ImmediateResponse))
+				return
+			case *extprocv3.ProcessingResponse_RequestBody:
+				var c bool
+				c, fail = st.applyRequestCommon(rr.RequestBody.GetResponse(), &hs, &body, "request_body")
+				cleared = cleared || c
+			default:
+				fail = st.spurious("request_body", resp)
+			}
+		}
+		if fail != nil {
+			e.finish(w, ent, st, fail)
+			return
+		}
+	}
+
+	// The router.
+	if cleared {
+		routeCluster, _ = hs.get(e.clusterHeader)
+	}
+	e.update(func() { ent.Cluster = routeCluster })
+	base, ok := e.clusters[routeCluster]
+	if !ok {
+		e.finish(w, ent, st, &localReply{status: 503, details: "cluster_not_found", flags: "NC"})
+		return
+	}
+	up, err := e.forward(r.Context(), base, hs, body)
+	if err != nil {
+		if r.Context().Err() != nil {
+			e.finish(w, ent, st, &localReply{clientGone: true, details: "downstream_remote_disconnect"})
+			return
+		}
+		e.finish(w, ent, st, &localReply{status: 503, flags: "UF",
+			details: "upstream_reset_before_response_started{connection_failure}",
+			body:    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: " + err.Error()})
+		return
+	}
+	e.respond(w, ent, st, up)
+}
+
+// downstreamHeaders is what the HCM hands the filter chain: lower-case
+// keys, the pseudo-headers, hop-by-hop headers gone, an x-request-id.
+func downstreamHeaders(r *http.Request) headerList {
+	hs := headerList{
+		{":authority", r.Host},
+		{":path", r.URL.RequestURI()},
+		{":method", r.Method},
+		{":scheme", "http"},
+	}
+	hop := hopByHop(r.Header)
+	for k, vs := range r.Header {
+		lk := strings.ToLower(k)
+		if hop[lk] {
+			continue
+		}
+		for _, v := range vs {
+			hs = append(hs, header{lk, v})
+		}
+	}
+	if _, ok := hs.get("content-length"); !ok && r.ContentLength > 0 {
+		hs = append(hs, header{"content-length", strconv.FormatInt(r.ContentLength, 10)})
+	}
+	if _, ok := hs.get("x-request-id"); !ok {
+		hs = append(hs, header{"x-request-id", newUUID()})
+	}
+	return hs
+}
+
+func hopByHop(h http.Header) map[string]bool {
+	hop := map[string]bool{"connection": true, "keep-alive": true, "proxy-connection": true,
+		"transfer-encoding": true, "upgrade": true, "te": true, "host": true}
+	for _, v := range h.Values("Connection") {
+		for _, f := range strings.Split(v, ",") {
+			hop[strings.ToLower(strings.TrimSpace(f))] = true
+		}
+	}
+	return hop
+}
+
+func newUUID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}
+
+// forward sends the request to the upstream cluster as Envoy's router
+// would: the (mutated) headers and body, HTTP/1.1, chunked when the
+// content-length header is gone.
+func (e *envoyLite) forward(ctx context.Context, base string, hs headerList, body []byte) (*http.Response, error) {
+	method, _ := hs.get(":method")
+	path, _ := hs.get(":path")
+	authority, _ := hs.get(":authority")
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(base, "/")+path, bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.Host = authority
+	req.ContentLength = -1
+	if len(body) == 0 {
+		req.Body, req.ContentLength = http.NoBody, 0
+	}
+	for _, h := range hs {
+		switch {
+		case strings.HasPrefix(h.k, ":"):
+		case h.k == "content-length":
+			n, err := strconv.ParseInt(h.v, 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("invalid content-length %q", h.v)
+			}
+			req.ContentLength = n
+		default:
+			req.Header.Add(h.k, h.v)
+		}
+	}
+	req.Header.Set("x-forwarded-proto", "http")
+	return e.upstream.Do(req)
+}
+
+// respond runs the response headers through ext_proc and streams the
+// upstream body to the client, flushing every chunk (SSE).
+func (e *envoyLite) respond(w http.ResponseWriter, ent *accessEntry, st *extprocStream, up *http.Response) {
+	defer up.Body.Close()
+	rh := headerList{{":status", strconv.Itoa(up.StatusCode)}}
+	hop := hopByHop(up.Header)
+	for k, vs := range up.Header {
+		lk := strings.ToLower(k)
+		if hop[lk] {
+			continue
+		}
+		for _, v := range vs {
+			rh = append(rh, header{lk, v})
+		}
+	}
+	if st.active {
+		resp, fail := st.exchange("response_headers", &extprocv3.ProcessingRequest{
+			Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
+				Headers: rh.proto(), EndOfStream: up.ContentLength == 0}},
+		})
+		if fail == nil && resp != nil {
+			switch rr := resp.GetResponse().(type) {
+			case *extprocv3.ProcessingResponse_ImmediateResponse:
+				fail = st.immediate(rr.ImmediateResponse)
+			case *extprocv3.ProcessingResponse_ResponseHeaders:
+				fail = st.applyResponseCommon(rr.ResponseHeaders.GetResponse(), &rh)
+			default:
+				fail = st.spurious("response_headers", resp)
+			}
+		}
+		if fail != nil {
+			e.writeLocal(w, ent, fail)
+			return
+		}
+		st.finished()
+	}
+	// Response body mode NONE: nothing more for ext_proc. Envoy closes the
+	// stream now, long before an SSE body ends.
+	st.close()
+	code, _ := strconv.Atoi(rh.first(":status"))
+	for _, h := range rh {
+		if !strings.HasPrefix(h.k, ":") {
+			w.Header().Add(h.k, h.v)
+		}
+	}
+	e.update(func() { ent.Status, ent.Details = code, "via_upstream" })
+	w.WriteHeader(code)
+	rc := http.NewResponseController(w)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := up.Body.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return
+			}
+			_ = rc.Flush()
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// finish answers with a local reply. Envoy's own replies (503 NC, UF)
+// still pass through the ext_proc filter's response path; ext_proc's
+// immediate responses and its errors end processing first.
+func (e *envoyLite) finish(w http.ResponseWriter, ent *accessEntry, st *extprocStream, lr *localReply) {
+	if lr.clientGone {
+		e.update(func() { ent.Details = lr.details })
+		return
+	}
+	if st != nil && st.active && lr.flags != "" {
+		rh := headerList{{":status", strconv.Itoa(lr.status)}, {"content-length", strconv.Itoa(len(lr.body))}}
+		if lr.body != "" {
+			rh = append(rh, header{"content-type", "text/plain"})
+		}
+		resp, fail := st.exchange("response_headers", &extprocv3.ProcessingRequest{
+			Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
+				Headers: rh.proto(), EndOfStream: lr.body == ""}},
+		})
+		if fail == nil && resp != nil {
+			switch rr := resp.GetResponse().(type) {
+			case *extprocv3.ProcessingResponse_ImmediateResponse:
+				fail = st.immediate(rr.ImmediateResponse)
+			case *extprocv3.ProcessingResponse_ResponseHeaders:
+				fail = st.applyResponseCommon(rr.ResponseHeaders.GetResponse(), &rh)
+			default:
+				fail = st.spurious("response_headers", resp)
+			}
+		}
+		if fail != nil {
+			lr = fail
+		} else {
+			st.finished()
+			lr.headers = rh
+		}
+	}
+	e.writeLocal(w, ent, lr)
+}
+
+// writeLocal writes a local reply: content-length from the body,
+// content-type text/plain unless the reply's headers set one.
+func (e *envoyLite) writeLocal(w http.ResponseWriter, ent *accessEntry, lr *localReply) {
+	if lr.clientGone {
+		e.update(func() { ent.Details = lr.details })
+		return
+	}
+	code := lr.status
+	if code < 200 {
+		code = 200
+	}
+	for _, h := range lr.headers {
+		if !strings.HasPrefix(h.k, ":") && h.k != "content-length" {
+			w.Header().Add(h.k, h.v)
+		}
+	}
+	if lr.body != "" && w.Header().Get("content-type") == "" {
+		w.Header().Set("content-type", "text/plain")
+	}
+	w.Header().Set("content-length", strconv.Itoa(len(lr.body)))
+	e.update(func() { ent.Status, ent.Details, ent.Flags = code, lr.details, lr.flags })
+	w.WriteHeader(code)
+	_, _ = io.WriteString(w, lr.body)
+}
+
+// extprocStream is the ext_proc gRPC stream of one HTTP request.
+type extprocStream struct {
+	e       *envoyLite
+	ent     *accessEntry
+	client  context.Context // the HTTP request's context
+	cancel  context.CancelFunc
+	stream  extprocv3.ExternalProcessor_ProcessClient
+	openErr error
+	recv    chan recvResult
+	// active: Envoy still consults the server. False after an immediate
+	// response, an error, or the server closing the stream with OK.
+	active bool
+	// done: every expected reply arrived; anything more is a problem.
+	done   bool
+	closed bool
+}
+
+type recvResult struct {
+	resp *extprocv3.ProcessingResponse
+	err  error
+}
+
+func (e *envoyLite) openStream(client context.Context, ent *accessEntry) *extprocStream {
+	// The stream outlives a finished HTTP exchange by the close grace, and a
+	// client hang-up resets it (Envoy destroys the filter).
+	ctx, cancel := context.WithCancel(context.Background())
+	st := &extprocStream{e: e, ent: ent, client: client, cancel: cancel, recv: make(chan recvResult), active: true}
+	st.stream, st.openErr = e.ep.Process(ctx)
+	if st.openErr == nil {
+		go func() {
+			for {
+				resp, err := st.stream.Recv()
+				select {
+				case st.recv <- recvResult{resp, err}:
+				case <-ctx.Done():
+					return
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+	return st
+}
+
+// finished marks the last expected reply as received.
+func (st *extprocStream) finished() { st.done = true }
+
+// close half-closes the stream and gives the server remoteCloseTimeout to
+// finish before resetting it, like Envoy's graceful close. Messages that
+// arrive after the last expected reply are problems.
+func (st *extprocStream) close() {
+	if st.closed {
+		return
+	}
+	st.closed = true
+	if st.openErr != nil {
+		st.cancel()
+		return
+	}
+	_ = st.stream.CloseSend()
+	st.e.bg.Add(1)
+	go func() {
+		defer st.e.bg.Done()
+		defer st.cancel()
+		t := time.NewTimer(st.e.remoteCloseTimeout)
+		defer t.Stop()
+		for {
+			select {
+			case r := <-st.recv:
+				if r.err != nil {
+					return
+				}
+				if st.done {
+					st.e.problem(st.ent, "ext_proc sent %s after the last expected reply", describe(r.resp))
+				}
+			case <-t.C:
+				return
+			}
+		}
+	}()
+}
+
+// exchange sends one message and waits for its reply under the message
+// timer. A standalone override_message_timeout restarts the timer once.
+// It returns (nil, nil) when the server closed the stream with OK: Envoy
+// then carries on without processing.
+func (st *extprocStream) exchange(name string, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, *localReply) {
+	e := st.e
+	if st.openErr != nil {
+		return nil, grpcFailure(st.openErr)
+	}
+	e.update(func() { st.ent.Sent = append(st.ent.Sent, name) })
+	if err := st.stream.Send(req); err != nil {
+		st.active = false
+		if errors.Is(err, io.EOF) {
+			// The server ended the stream; Recv has its status.
+			r := <-st.recv
+			for r.err == nil {
+				e.problem(st.ent, "ext_proc sent %s before %s was sent", describe(r.resp), name)
+				r = <-st.recv
+			}
+			if errors.Is(r.err, io.EOF) {
+				e.problem(st.ent, "ext_proc closed the stream before answering %s: Envoy forwards the request unprocessed", name)
+				return nil, nil
+			}
+			return nil, grpcFailure(r.err)
+		}
+		return nil, grpcFailure(err)
+	}
+	timer := time.NewTimer(e.messageTimeout)
+	defer timer.Stop()
+	overridden := false
+	for {
+		select {
+		case r := <-st.recv:
+			if r.err != nil {
+				st.active = false
+				if errors.Is(r.err, io.EOF) {
+					e.problem(st.ent, "ext_proc closed the stream with OK before answering %s: Envoy forwards the request unprocessed", name)
+					return nil, nil
+				}
+				return nil, grpcFailure(r.err)
+			}
+			resp := r.resp
+			if d := resp.GetOverrideMessageTimeout(); d != nil {
+				// Envoy looks at this field first and ignores the rest.
+				if resp.GetResponse() != nil {
+					e.problem(st.ent, "override_message_timeout combined with a %s reply: Envoy ignores the reply", describe(resp))
+				}
+				v := d.AsDuration()
+				switch {
+				case overridden:
+					e.problem(st.ent, "second override_message_timeout (%s) for %s: Envoy ignores it", v, name)
+				case v < time.Millisecond || v > e.maxMessageTimeout:
+					e.problem(st.ent, "override_message_timeout %s outside [1ms, max_message_timeout %s]: Envoy ignores it", v, e.maxMessageTimeout)
+				default:
+					overridden = true
+					e.update(func() { st.ent.Overrides++ })
+					timer.Reset(v)
+				}
+				continue
+			}
+			if resp.GetModeOverride() != nil {
+				e.problem(st.ent, "mode_override sent but allow_mode_override is off: Envoy ignores it")
+			}
+			st.takeMetadata(resp)
+			return resp, nil
+		case <-timer.C:
+			st.active = false
+			st.cancel()
+			return nil, &localReply{status: 504, details: "ext_proc_error_per-message_timeout_exceeded"}
+		case <-st.client.Done():
+			st.active = false
+			return nil, &localReply{clientGone: true, details: "downstream_remote_disconnect"}
+		}
+	}
+}
+
+func grpcFailure(err error) *localReply {
+	s := status.Convert(err)
+	d := fmt.Sprintf("ext_proc_error_gRPC_error_%d{%s}", int(s.Code()), s.Message())
+	return &localReply{status: 500, details: strings.ReplaceAll(d, " ", "_")}
+}
+
+func (st *extprocStream) spurious(name string, resp *extprocv3.ProcessingResponse) *localReply {
+	st.active = false
+	st.e.problem(st.ent, "spurious %s reply to %s", describe(resp), name)
+	return &localReply{status: 500, details: "spurious_message_received_on_gRPC_stream"}
+}
+
+func describe(resp *extprocv3.ProcessingResponse) string {
+	if resp.GetOverrideMessageTimeout() != nil && resp.GetResponse() == nil {
+		return "override_message_timeout"
+	}
+	switch resp.GetResponse().(type) {
+	case *extprocv3.ProcessingResponse_RequestHeaders:
+		return "request_headers"
+	case *extprocv3.ProcessingResponse_RequestBody:
+		return "request_body"
+	case *extprocv3.ProcessingResponse_RequestTrailers:
+		return "request_trailers"
+	case *extprocv3.ProcessingResponse_ResponseHeaders:
+		return "response_headers"
+	case *extprocv3.ProcessingResponse_ResponseBody:
+		return "response_body"
+	case *extprocv3.ProcessingResponse_ResponseTrailers:
+		return "response_trailers"
+	case *extprocv3.ProcessingResponse_ImmediateResponse:
+		return "immediate_response"
+	case *extprocv3.ProcessingResponse_StreamedImmediateResponse:
+		return "streamed_immediate_response"
+	case nil:
+		return "empty"
+	}
+	return fmt.Sprintf("%T", resp.GetResponse())
+}
+
+// takeMetadata keeps namespace "cortex", the one envoy.yaml lists in
+// receiving_namespaces; Envoy drops the others.
+func (st *extprocStream) takeMetadata(resp *extprocv3.ProcessingResponse) {
+	ns := resp.GetDynamicMetadata().GetFields()["cortex"]
+	if ns == nil {
+		return
+	}
+	st.e.update(func() {
+		if st.ent.Metadata == nil {
+			st.ent.Metadata = map[string]any{}
+		}
+		for k, v := range ns.GetStructValue().AsMap() {
+			st.ent.Metadata[k] = v
+		}
+	})
+}
+
+// immediate turns an ImmediateResponse into Envoy's local reply.
+func (st *extprocStream) immediate(ir *extprocv3.ImmediateResponse) *localReply {
+	st.active = false
+	st.done = true // Envoy closes the stream; nothing more may come
+	var hs headerList
+	if fail := st.applyMutation(ir.GetHeaders(), &hs, "immediate_response"); fail != nil {
+		return fail
+	}
+	return &localReply{
+		status:  int(ir.GetStatus().GetCode()),
+		details: strings.ReplaceAll(ir.GetDetails(), " ", "_"),
+		body:    string(ir.GetBody()),
+		headers: hs,
+	}
+}
+
+// applyRequestCommon applies a CommonResponse in the request direction:
+// header mutation, then (body replies only) body mutation and Envoy's
+// content-length check. It reports whether the route cache was cleared.
+func (st *extprocStream) applyRequestCommon(c *extprocv3.CommonResponse, hs *headerList, body *[]byte, name string) (bool, *localReply) {
+	if c.GetStatus() != extprocv3.CommonResponse_CONTINUE {
+		st.e.problem(st.ent, "%s reply with status %s: cortex-extproc never needs it and envoylite does not model it", name, c.GetStatus())
+	}
+	if fail := st.applyMutation(c.GetHeaderMutation(), hs, name); fail != nil {
+		return false, fail
+	}
+	if bm := c.GetBodyMutation(); bm != nil {
+		if body == nil {
+			st.e.problem(st.ent, "body_mutation in a %s reply with status CONTINUE: Envoy ignores it", name)
+		} else {
+			var nb []byte
+			switch m := bm.GetMutation().(type) {
+			case *extprocv3.BodyMutation_Body:
+				nb = m.Body
+			case *extprocv3.BodyMutation_ClearBody:
+				nb = []byte{}
+			default:
+				st.e.problem(st.ent, "body_mutation %T is only for FULL_DUPLEX_STREAMED: Envoy ignores it in BUFFERED", m)
+				nb = *body
+			}
+			// BUFFERED + header SEND keeps the client's content-length and
+			// compares it, after this reply's header mutation, with the new body.
+			if cl, ok := hs.get("content-length"); ok {
+				if n, err := strconv.Atoi(cl); err == nil && n != len(nb) {
+					st.active = false
+					st.e.problem(st.ent, "content-length %d after the %s reply, mutated body is %d bytes", n, name, len(nb))
+					return false, &localReply{status: 500, details: "mismatch_between_content_length_and_the_length_of_the_mutated_body"}
+				}
+			}
+			*body = nb
+		}
+	}
+	if !c.GetClearRouteCache() {
+		return false, nil
+	}
+	if c.GetHeaderMutation() == nil {
+		st.e.problem(st.ent, "clear_route_cache in the %s reply without a header_mutation: Envoy ignores it (clear_route_cache_ignored)", name)
+		return false, nil
+	}
+	return true, nil
+}
+
+// applyResponseCommon applies a response_headers reply.
+func (st *extprocStream) applyResponseCommon(c *extprocv3.CommonResponse, rh *headerList) *localReply {
+	if c.GetClearRouteCache() {
+		st.e.problem(st.ent, "clear_route_cache in the response direction: Envoy ignores it")
+	}
+	if c.GetBodyMutation() != nil {
+		st.e.problem(st.ent, "body_mutation in a response_headers reply with response body mode NONE: Envoy ignores it")
+	}
+	return st.applyMutation(c.GetHeaderMutation(), rh, "response_headers")
+}
+
+// applyMutation applies a HeaderMutation like mutation_utils.cc with the
+// default mutation_rules: removals first, then sets; raw_value only
+// (value only gives an empty header, both is an invalid mutation → 500);
+// host, :authority, :method, :scheme and x-envoy-* cannot be set and
+// pseudo-headers and host cannot be removed (silently ignored: problems).
+func (st *extprocStream) applyMutation(m *extprocv3.HeaderMutation, hs *headerList, name string) *localReply {
+	invalid := func(format string, args ...any) *localReply {
+		st.active = false
+		st.e.problem(st.ent, "invalid header mutation in %s reply: %s", name, fmt.Sprintf(format, args...))
+		return &localReply{status: 500, details: "ext_proc_invalid_header_mutation"}
+	}
+	for _, k := range m.GetRemoveHeaders() {
+		if !validHeaderName(k) {
+			return invalid("remove_headers %q is not a valid header name", k)
+		}
+		lk := strings.ToLower(k)
+		if lk == "host" || strings.HasPrefix(lk, ":") || strings.HasPrefix(lk, "x-envoy") {
+			st.e.problem(st.ent, "%s reply removes %q: not allowed by the default mutation_rules, Envoy ignores it", name, lk)
+			continue
+		}
+		hs.del(lk)
+	}
+	for _, o := range m.GetSetHeaders() {
+		h := o.GetHeader()
+		if h == nil || !validHeaderName(h.GetKey()) {
+			return invalid("set_headers key %q is not a valid header name", h.GetKey())
+		}
+		if h.GetValue() != "" && len(h.GetRawValue()) > 0 {
+			return invalid("header %q has both value and raw_value", h.GetKey())
+		}
+		v := string(h.GetRawValue())
+		if strings.ContainsAny(v, "\r\n\x00") {
+			return invalid("header %q value %q contains CR, LF or NUL", h.GetKey(), v)
+		}
+		lk := strings.ToLower(h.GetKey())
+		if h.GetValue() != "" {
+			st.e.problem(st.ent, "%s reply sets %q in value, not raw_value: Envoy sets it empty", name, lk)
+		}
+		if o.GetAppendAction() != corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD {
+			st.e.problem(st.ent, "%s reply sets %q with append_action %s: ext_proc ignores append_action", name, lk, o.GetAppendAction())
+		}
+		switch {
+		case lk == "host" || lk == ":authority" || lk == ":method" || lk == ":scheme" || strings.HasPrefix(lk, "x-envoy"):
+			st.e.problem(st.ent, "%s reply sets %q: not allowed by the default mutation_rules, Envoy ignores it", name, lk)
+			continue
+		case strings.HasPrefix(lk, ":") && lk != ":path" && lk != ":status":
+			return invalid("pseudo-header %q cannot be set", lk)
+		}
+		if o.GetAppend().GetValue() {
+			if strings.HasPrefix(lk, ":") {
+				return invalid("cannot append to pseudo-header %q", lk)
+			}
+			*hs = append(*hs, header{lk, v})
+		} else {
+			hs.set(lk, v)
+		}
+	}
+	return nil
+}
+
+func validHeaderName(k string) bool {
+	name := strings.TrimPrefix(k, ":")
+	if name == "" {
+		return false
+	}
+	for _, c := range []byte(name) {
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"(),/:;<=>?@[\\]{}", c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// headerList is an ordered header map with lower-case keys, like
+// Envoy's HeaderMap.
+type headerList []header
+
+type header struct{ k, v string }
+
+func (h headerList) get(k string) (string, bool) {
+	for _, kv := range h {
+		if kv.k == k {
+			return kv.v, true
+		}
+	}
+	return "", false
+}
+
+func (h headerList) first(k string) string { v, _ := h.get(k); return v }
+
+// set replaces every value of k with v, keeping k's first position.
+func (h *headerList) set(k, v string) {
+	out := (*h)[:0]
+	done := false
+	for _, kv := range *h {
+		if kv.k != k {
+			out = append(out, kv)
+		} else if !done {
+			out = append(out, header{k, v})
+			done = true
+		}
+	}
+	if !done {
+		out = append(out, header{k, v})
+	}
+	*h = out
+}
+
+func (h *headerList) del(k string) {
+	out := (*h)[:0]
+	for _, kv := range *h {
+		if kv.k != k {
+			out = append(out, kv)
+		}
+	}
+	*h = out
+}
+
+// proto is the HeaderMap Envoy sends: values in raw_value only.
+func (h headerList) proto() *corev3.HeaderMap {
+	hm := &corev3.HeaderMap{Headers: make([]*corev3.HeaderValue, 0, len(h))}
+	for _, kv := range h {
+		hm.Headers = append(hm.Headers, &corev3.HeaderValue{Key: kv.k, RawValue: []byte(kv.v)})
+	}
+	return hm
+}
