@@ -504,6 +504,8 @@ type extprocStream struct {
 	stream  extprocv3.ExternalProcessor_ProcessClient
 	openErr error
 	recv    chan recvResult
+	// recvDone is closed when the receiving goroutine has stopped.
+	recvDone chan struct{}
 	// active: Envoy still consults the server. False after an immediate
 	// response, an error, or the server closing the stream with OK.
 	active bool
@@ -521,10 +523,12 @@ func (e *envoyLite) openStream(client context.Context, ent *accessEntry) *extpro
 	// The stream outlives a finished HTTP exchange by the close grace, and a
 	// client hang-up resets it (Envoy destroys the filter).
 	ctx, cancel := context.WithCancel(context.Background())
-	st := &extprocStream{e: e, ent: ent, client: client, cancel: cancel, recv: make(chan recvResult), active: true}
+	st := &extprocStream{e: e, ent: ent, client: client, cancel: cancel,
+		recv: make(chan recvResult), recvDone: make(chan struct{}), active: true}
 	st.stream, st.openErr = e.ep.Process(ctx)
 	if st.openErr == nil {
 		go func() {
+			defer close(st.recvDone)
 			for {
 				resp, err := st.stream.Recv()
 				select {
@@ -572,6 +576,8 @@ func (st *extprocStream) close() {
 				if st.done {
 					st.e.problem(st.ent, "ext_proc sent %s after the last expected reply", describe(r.resp))
 				}
+			case <-st.recvDone:
+				return
 			case <-t.C:
 				return
 			}

@@ -16,6 +16,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -23,6 +24,7 @@ import (
 	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/reqbody"
 	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/tracing"
 )
 
 // The headers of contract.md. A client-sent copy of any of them is removed
@@ -168,6 +170,9 @@ type stream struct {
 	badMode   string // non-empty when Envoy's body mode cannot route
 	target    routing.Target
 	parts     *replyParts // set once routed
+	// W3C trace context, read only while tracing is on.
+	traceparent, tracestate string
+	span                    trace.Span
 }
 
 // Process handles one HTTP request's messages, strictly one reply per
@@ -249,6 +254,10 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processing
 			st.method = knownString(rawValue(kv))
 		case "x-request-id":
 			st.requestID = headerValue(kv)
+		case "traceparent", "tracestate":
+			if tracing.Enabled() {
+				st.traceHeader(kv.GetKey(), headerValue(kv))
+			}
 		}
 	}
 	if i := strings.IndexByte(st.path, '?'); i >= 0 {
@@ -297,6 +306,8 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (*extp
 			Message: "Envoy sent the request body without the request headers; cortex-extproc needs processing_mode.request_header_mode: SEND (see envoy/envoy.yaml)"}), nil
 	}
 	start := time.Now()
+	ctx, st.span = tracing.StartDecision(ctx, st.traceparent, st.tracestate, st.requestID)
+	defer st.span.End() // decided ends it first; this covers a client gone mid-wait
 	body := b.GetBody()
 	if len(body) > st.srv.opt.MaxRequestBytes {
 		return st.decided(nil, apierr.TooLarge("request body is %d bytes; the limit is %d (extproc.max_request_bytes)", len(body), st.srv.opt.MaxRequestBytes), start), nil
@@ -346,7 +357,9 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 	wctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 	start := time.Now()
+	_, span := tracing.StartWait(ctx, w.Model())
 	t, err := w.Wait(wctx)
+	tracing.EndWait(span, err)
 	if o := st.srv.opt.Observer; o != nil {
 		o.Waited(w.Model(), time.Since(start), err)
 	}
@@ -393,6 +406,13 @@ func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time)
 	if o := st.srv.opt.Observer; o != nil {
 		o.Decided(st.requestID, t, err, d)
 	}
+	if st.span != nil && st.span.IsRecording() {
+		var tt routing.Target
+		if t != nil {
+			tt = *t
+		}
+		tracing.EndDecision(st.span, tt.Requested, tt.Model, tt.Node, tt.ColdStart, err, d)
+	}
 	if err == nil {
 		return nil
 	}
@@ -429,6 +449,15 @@ func (st *stream) immediate(e *apierr.Error) *extprocv3.ProcessingResponse {
 func jsonReply(code int, body []byte, details string) *extprocv3.ProcessingResponse {
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
 		ImmediateResponse: immediateResponse(code, body, details)}}
+}
+
+// traceHeader keeps a W3C trace header for the decision span.
+func (st *stream) traceHeader(key, value string) {
+	if key == "traceparent" {
+		st.traceparent = value
+	} else {
+		st.tracestate = value
+	}
 }
 
 // setHeader overwrites a header. The value goes in raw_value only: Envoy

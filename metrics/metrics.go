@@ -5,6 +5,8 @@
 package metrics
 
 import (
+	"context"
+	"log/slog"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -54,6 +56,7 @@ type Metrics struct {
 	InflightStreams   prometheus.Gauge
 
 	catalogue atomic.Pointer[catalogue.Catalogue]
+	log       atomic.Pointer[slog.Logger] // nil: Decided logs nothing
 }
 
 // New registers every metric, plus the Go and process collectors.
@@ -93,9 +96,19 @@ func New() *Metrics {
 		m.Evictions, m.NeuronHealthy, m.NeuronPollFailure, m.CatalogueReloads, m.CatalogueModels, m.CatalogueInfo,
 		m.InflightStreams,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// Both results exist from the start, so a dashboard's rate() of errors
+	// shows 0 rather than "no data" until the first failed reload.
+	m.CatalogueReloads.WithLabelValues("ok")
+	m.CatalogueReloads.WithLabelValues("error")
 	m.catalogue.Store(catalogue.Empty())
 	return m
 }
+
+// SetLogger makes Decided write one log line per decided request: at debug
+// for a plain routing, at info for a cold start or an error. Keys:
+// request_id, model (as requested), resolved, node, cold_start,
+// decision_ms, and for errors status, code, error.
+func (m *Metrics) SetLogger(l *slog.Logger) { m.log.Store(l) }
 
 // SetCatalogue records the catalogue in force: it bounds model labels and
 // updates catalogue_models and catalogue_info.
@@ -122,7 +135,7 @@ func (m *Metrics) StreamStarted() { m.InflightStreams.Inc() }
 func (m *Metrics) StreamEnded() { m.InflightStreams.Dec() }
 
 // Decided implements extproc.Observer.
-func (m *Metrics) Decided(_ string, t *routing.Target, err *apierr.Error, d time.Duration) {
+func (m *Metrics) Decided(requestID string, t *routing.Target, err *apierr.Error, d time.Duration) {
 	m.Decision.Observe(d.Seconds())
 	model, node := "", ""
 	if t != nil {
@@ -136,6 +149,45 @@ func (m *Metrics) Decided(_ string, t *routing.Target, err *apierr.Error, d time
 		outcome = OutcomeColdStart
 	}
 	m.Requests.WithLabelValues(m.ModelLabel(model), node, outcome).Inc()
+	m.logDecision(requestID, t, err, d)
+}
+
+func (m *Metrics) logDecision(requestID string, t *routing.Target, err *apierr.Error, d time.Duration) {
+	log := m.log.Load()
+	if log == nil {
+		return
+	}
+	level, msg := slog.LevelDebug, "routed"
+	switch {
+	case err != nil:
+		level, msg = slog.LevelInfo, "request rejected"
+	case t != nil && t.ColdStart:
+		level, msg = slog.LevelInfo, "routed after a cold start"
+	}
+	// Checked first so a routed request at the default info level costs
+	// no attribute building.
+	ctx := context.Background()
+	if !log.Enabled(ctx, level) {
+		return
+	}
+	var requested, resolved, node string
+	coldStart := false
+	if t != nil {
+		requested, resolved, node, coldStart = t.Requested, t.Model, t.Node, t.ColdStart
+	}
+	attrs := make([]slog.Attr, 0, 9)
+	attrs = append(attrs,
+		slog.String("request_id", requestID),
+		slog.String("model", requested),
+		slog.String("resolved", resolved),
+		slog.String("node", node),
+		slog.Bool("cold_start", coldStart),
+		slog.Float64("decision_ms", float64(d.Microseconds())/1000),
+	)
+	if err != nil {
+		attrs = append(attrs, slog.Int("status", err.Status), slog.String("code", err.Code), slog.String("error", err.Message))
+	}
+	log.LogAttrs(ctx, level, msg, attrs...)
 }
 
 // Waited implements extproc.Observer.

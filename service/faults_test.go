@@ -934,7 +934,11 @@ func TestFault5000ConcurrentStreams(t *testing.T) {
 	fxLeakCheck(t)
 	a := fxStartNeuron(t, "a", "Org/Warm")
 	b := fxStartNeuron(t, "b", "Org/Warm")
-	h := fxStart(t, fxConfig(t, fxCatalogue, a, b))
+	cfg := fxConfig(t, fxCatalogue, a, b)
+	// The burst saturates this machine: polls with the fault tests' 300 ms
+	// timeout would fail and take both neurons out of the fleet.
+	cfg.Poll.Interval, cfg.Poll.Timeout, cfg.Poll.FailureThreshold = time.Second, 20*time.Second, 3
+	h := fxStart(t, cfg)
 
 	const streams, conns = 5000, 8
 	var clients []extprocv3.ExternalProcessorClient

@@ -89,6 +89,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	}
 	s.store = catalogue.NewStore(cat)
 	s.metrics.SetCatalogue(cat, s.store.Generation())
+	s.metrics.SetLogger(log) // one line per decided request (debug; info for cold starts and errors)
 
 	if len(cfg.Neurons) == 0 {
 		log.Warn("no neurons are configured: every request will get 503 until [[neurons]] entries are added")
@@ -201,6 +202,7 @@ func (s *Service) neuron(name string) neuron.API {
 func (s *Service) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	stopTracing := s.startTracing(ctx)
 
 	errc := make(chan error, 2)
 	go func() { errc <- s.grpc.Serve(s.grpcLis) }()
@@ -258,6 +260,7 @@ func (s *Service) Run(ctx context.Context) error {
 	cctx, ccancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer ccancel()
 	s.loader.Close(cctx)
+	stopTracing()
 	return runErr
 }
 
@@ -299,9 +302,19 @@ func (s *Service) drain() {
 	select {
 	case <-done:
 	case <-time.After(s.cfg.ExtProc.DrainTimeout):
-		s.log.Warn("drain timeout: closing remaining ext_proc streams")
-		s.grpc.Stop()
-		<-done
+		// Requests still held for a cold load get our 503 with Retry-After
+		// rather than a cut stream (Envoy's bare 500): cancel the loads and
+		// give those replies a moment before closing what is left.
+		s.log.Warn("drain timeout: cancelling cold loads, then closing remaining ext_proc streams")
+		cctx, ccancel := context.WithCancel(context.Background())
+		ccancel()
+		s.loader.Close(cctx)
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+			s.grpc.Stop()
+			<-done
+		}
 	}
 	s.health.Shutdown()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

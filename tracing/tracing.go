@@ -27,6 +27,8 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/helexa/cortex-extproc/apierr"
 )
 
 // ServiceName is the default service.name resource attribute
@@ -180,44 +182,44 @@ func StartDecision(ctx context.Context, traceparent, tracestate, requestID strin
 	return ctx, span
 }
 
-// Decision is the outcome recorded on a decision span.
-type Decision struct {
-	Requested, Resolved, Node string
-	ColdStart                 bool
-	// Status and Code are the client-visible error, if any (Status 0: routed).
-	Status int
-	Code   string
-	// Message is the error message shown to the client.
-	Message string
-	// Took is the decision time, without cold-load waits.
-	Took time.Duration
-}
-
-// EndDecision records d on span and ends it.
-func EndDecision(span trace.Span, d Decision) {
+// EndDecision records the outcome of a decision on its span and ends it:
+// the model as requested, the concrete id it resolved to, the node, whether
+// it was a cold start, the client-visible error (nil when routed) and the
+// decision time without cold-load waits. (Plain values, not a
+// routing.Target: routing imports this package.)
+func EndDecision(span trace.Span, requested, resolved, node string, coldStart bool, err *apierr.Error, took time.Duration) {
 	if !span.IsRecording() {
 		return
 	}
 	attrs := make([]attribute.KeyValue, 0, 8)
-	if d.Requested != "" {
-		attrs = append(attrs, AttrModel.String(d.Requested))
+	if requested != "" {
+		attrs = append(attrs, AttrModel.String(requested))
 	}
-	if d.Resolved != "" {
-		attrs = append(attrs, AttrResolved.String(d.Resolved))
+	if resolved != "" {
+		attrs = append(attrs, AttrResolved.String(resolved))
 	}
-	if d.Node != "" {
-		attrs = append(attrs, AttrNode.String(d.Node))
+	if node != "" {
+		attrs = append(attrs, AttrNode.String(node))
 	}
-	attrs = append(attrs, AttrColdStart.Bool(d.ColdStart), AttrDecisionMS.Float64(ms(d.Took)))
-	if d.Status != 0 {
-		attrs = append(attrs, AttrStatus.Int(d.Status), AttrErrorCode.String(d.Code))
+	attrs = append(attrs, AttrColdStart.Bool(coldStart), AttrDecisionMS.Float64(ms(took)))
+	if err != nil {
+		attrs = append(attrs, AttrStatus.Int(err.Status), AttrErrorCode.String(err.Code))
 		// 4xx are the client's; only our own failures mark the span failed.
-		if d.Status >= 500 {
-			span.SetStatus(codes.Error, d.Message)
+		if err.Status >= 500 {
+			span.SetStatus(codes.Error, err.Message)
 		}
 	}
 	span.SetAttributes(attrs...)
 	span.End()
+}
+
+// EndWait ends a wait span, marking it failed when the wait ended in err.
+func EndWait(span trace.Span, err *apierr.Error) {
+	if err == nil {
+		End(span, nil) // a nil *apierr.Error is not a nil error
+		return
+	}
+	End(span, err)
 }
 
 // StartWait starts the span of a request held for a cold load of model.

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/tracing"
 )
 
@@ -61,8 +62,8 @@ func TestOffWithoutEndpoint(t *testing.T) {
 	allocs := testing.AllocsPerRun(100, func() {
 		c, span := tracing.StartDecision(ctx, traceparent, "", "req-1")
 		_, w := tracing.StartWait(c, "m")
-		tracing.End(w, nil)
-		tracing.EndDecision(span, tracing.Decision{Requested: "a", Resolved: "b", Node: "n", Took: time.Millisecond})
+		tracing.EndWait(w, nil)
+		tracing.EndDecision(span, "a", "b", "n", false, nil, time.Millisecond)
 	})
 	if allocs != 0 {
 		t.Errorf("tracing off allocates %v times per request, want 0", allocs)
@@ -73,9 +74,8 @@ func TestDecisionSpanJoinsTheRequestTrace(t *testing.T) {
 	rec := record(t)
 	ctx, span := tracing.StartDecision(context.Background(), traceparent, "vendor=x", "req-42")
 	_, wait := tracing.StartWait(ctx, "Qwen/Qwen3-8B")
-	tracing.End(wait, nil)
-	tracing.EndDecision(span, tracing.Decision{Requested: "helexa/balanced", Resolved: "Qwen/Qwen3-8B", Node: "beast",
-		ColdStart: true, Took: 1500 * time.Microsecond})
+	tracing.EndWait(wait, nil)
+	tracing.EndDecision(span, "helexa/balanced", "Qwen/Qwen3-8B", "beast", true, nil, 1500*time.Microsecond)
 
 	spans := rec.Ended()
 	if len(spans) != 2 {
@@ -116,7 +116,7 @@ func TestDecisionSpanJoinsTheRequestTrace(t *testing.T) {
 func TestDecisionWithoutTraceparentStartsATrace(t *testing.T) {
 	rec := record(t)
 	_, span := tracing.StartDecision(context.Background(), "", "", "")
-	tracing.EndDecision(span, tracing.Decision{Requested: "x", Status: 404, Code: "model_not_found", Message: "no"})
+	tracing.EndDecision(span, "x", "x", "", false, apierr.ModelNotFound("no"), 0)
 	s := rec.Ended()[0]
 	if s.Parent().IsValid() || !s.SpanContext().TraceID().IsValid() {
 		t.Errorf("want a new root span, got parent %v", s.Parent())
@@ -204,7 +204,7 @@ func exportOne(t *testing.T, got <-chan *coltracepb.ExportTraceServiceRequest) {
 		t.Fatal("Setup with an endpoint left tracing off")
 	}
 	_, span := tracing.StartDecision(ctx, traceparent, "", "req-7")
-	tracing.EndDecision(span, tracing.Decision{Requested: "m", Resolved: "m", Node: "n"})
+	tracing.EndDecision(span, "m", "m", "n", false, nil, 0)
 	if err := shutdown(ctx); err != nil { // flushes the batch
 		t.Fatalf("shutdown: %v", err)
 	}
