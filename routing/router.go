@@ -19,18 +19,14 @@ type Target struct {
 	ColdStart bool   // the request triggered or waited on a load
 	Step      Step
 
-	release func()
+	lease Lease
 }
 
 // Release ends this request's "in flight through us" count on the chosen
 // (node, model); eviction never picks a model with requests in flight.
-// Safe to call more than once and on a zero Target.
-func (t *Target) Release() {
-	if t.release != nil {
-		t.release()
-		t.release = nil
-	}
-}
+// Safe to call more than once and on a zero Target; a copy of a Target
+// shares nothing with it, so release only the copy you keep.
+func (t *Target) Release() { t.lease.Release() }
 
 // Router is the routing entry point for the ext_proc server: it reads the
 // current catalogue and fleet snapshots, decides, and hands step 5 to the
@@ -114,7 +110,6 @@ func (p *Pending) Wait(ctx context.Context) (Target, *apierr.Error) {
 }
 
 func (r *Router) target(d Decision) Target {
-	r.usage.Touch(d.Node, d.Model)
 	return Target{
 		Requested: d.Requested,
 		Model:     d.Model,
@@ -123,7 +118,7 @@ func (r *Router) target(d Decision) Target {
 		Endpoint:  d.Endpoint,
 		ColdStart: d.ColdStart,
 		Step:      d.Step,
-		release:   r.usage.Acquire(d.Node, d.Model),
+		lease:     r.usage.Use(d.Node, d.Model),
 	}
 }
 

@@ -69,6 +69,27 @@ func (u *Usage) Acquire(node, model string) (release func()) {
 	}
 }
 
+// Lease is one request in flight through us on a (node, model), from
+// Usage.Use until Release.
+type Lease struct{ e *usageEntry }
+
+// Use is Touch and Acquire in one lookup, without allocating: the per-request
+// call of the router.
+func (u *Usage) Use(node, model string) Lease {
+	e := u.entry(node, model)
+	e.lastAccess.Store(time.Now().UnixNano())
+	e.inFlight.Add(1)
+	return Lease{e: e}
+}
+
+// Release ends the lease; later calls do nothing.
+func (l *Lease) Release() {
+	if l.e != nil {
+		l.e.inFlight.Add(-1)
+		l.e = nil
+	}
+}
+
 // InFlight is the number of requests in flight on model at node through us.
 func (u *Usage) InFlight(node, model string) int {
 	v, ok := u.m.Load(usageKey{node, model})
