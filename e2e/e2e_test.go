@@ -6,6 +6,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,8 +25,10 @@ import (
 )
 
 var (
-	bins   binaries
-	shared *stack // beast + rig2 + cortex-extproc + envoyLite, for every test but the drain test
+	bins binaries
+	// shared is the demo fleet in its start state, for tests that leave
+	// it so; tests that load or reload models start their own (freshStack).
+	shared *stack
 )
 
 // The fleet of the README's demo, with short latencies so the package
@@ -82,6 +85,28 @@ func needStack(t *testing.T) *stack {
 	}
 	expectCleanProtocol(t, shared.envoy)
 	return shared
+}
+
+// freshStack starts a private fleet for a test that changes it (loads,
+// reloads, stops cortex-extproc), so tests stay independent of order and
+// of -count.
+func freshStack(t *testing.T, specs []simSpec) *stack {
+	t.Helper()
+	if shared == nil {
+		t.Skip(errNoStack)
+	}
+	st, err := startStack(bins, t.TempDir(), specs, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(st.close)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(st.logs())
+		}
+	})
+	expectCleanProtocol(t, st.envoy)
+	return st
 }
 
 func expectCleanProtocol(t *testing.T, e *envoyLite) {
@@ -218,7 +243,7 @@ func TestChatCompletionStreaming(t *testing.T) {
 // TestColdLoad: helexa/balanced (Qwen/Qwen3-8B) is in the catalogue only
 // and fits only beast's 24 GB cards. Concurrent requests share one load.
 func TestColdLoad(t *testing.T) {
-	st := needStack(t)
+	st := freshStack(t, fleet)
 	c := newClient(st)
 	ctx := testContext(t)
 	const n = 3
@@ -306,7 +331,7 @@ func TestColdLoad(t *testing.T) {
 // TestLazyReload: rig2 lists unsloth/Qwen3-0.6B-GGUF as unloaded; the
 // request goes to rig2, which reloads it itself (no /models/load).
 func TestLazyReload(t *testing.T) {
-	st := needStack(t)
+	st := freshStack(t, fleet)
 	c := newClient(st)
 	ctx := testContext(t)
 	const model = "unsloth/Qwen3-0.6B-GGUF"
@@ -426,23 +451,10 @@ func TestLargeRequestBody(t *testing.T) {
 
 // TestDrainOnSIGTERM: on SIGTERM cortex-extproc reports not ready, lets a
 // request held for a cold load finish, and exits 0 within drain_timeout.
-// It runs its own fleet (one empty neuron) so the shared one is untouched.
+// Its fleet is one empty neuron.
 func TestDrainOnSIGTERM(t *testing.T) {
-	if shared == nil {
-		t.Skip(errNoStack)
-	}
-	st, err := startStack(bins, t.TempDir(), []simSpec{{name: "solo",
-		args: []string{"--devices", "24564", "--load-latency", "300ms", "--token-interval", "20ms"}}}, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(st.close)
-	expectCleanProtocol(t, st.envoy)
-	defer func() {
-		if t.Failed() {
-			t.Log(st.logs())
-		}
-	}()
+	st := freshStack(t, []simSpec{{name: "solo",
+		args: []string{"--devices", "24564", "--load-latency", "300ms", "--token-interval", "20ms"}}})
 	ctx := testContext(t)
 	c := newClient(st)
 	tap := st.sims["solo"].tap
@@ -507,9 +519,135 @@ func TestDrainOnSIGTERM(t *testing.T) {
 
 	// With ext_proc gone and failure_mode_allow false, nothing reaches a
 	// neuron unprocessed: the client gets Envoy's 500.
-	_, err = c.Chat.Completions.New(ctx, chat("helexa/small"))
+	_, err := c.Chat.Completions.New(ctx, chat("helexa/small"))
 	var apiErr *openai.Error
 	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusInternalServerError {
 		t.Errorf("request after cortex-extproc exited: %v, want HTTP 500 from the proxy", err)
+	}
+}
+
+// TestAnthropicMessages: /v1/messages is routed the same way, and its
+// errors come in Anthropic's shape.
+func TestAnthropicMessages(t *testing.T) {
+	st := needStack(t)
+	ctx := testContext(t)
+	post := func(model string) (*http.Response, map[string]any) {
+		t.Helper()
+		body := fmt.Sprintf(`{"model":%q,"max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}`, model)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.front.URL+"/v1/messages", strings.NewReader(body))
+		req.Header.Set("content-type", "application/json")
+		req.Header.Set("anthropic-version", "2023-06-01")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var v map[string]any
+		if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+			t.Fatalf("/v1/messages for %s: %d with a body that is not JSON: %v", model, resp.StatusCode, err)
+		}
+		return resp, v
+	}
+
+	resp, v := post("helexa/small")
+	if resp.StatusCode != 200 {
+		t.Fatalf("/v1/messages for helexa/small: %d %v", resp.StatusCode, v)
+	}
+	content, _ := v["content"].([]any)
+	text := ""
+	if len(content) > 0 {
+		text, _ = content[0].(map[string]any)["text"].(string)
+	}
+	served(t, resp, text, "beast", "Qwen/Qwen3-1.7B", false)
+
+	resp, v = post("no-such/model")
+	errObj, _ := v["error"].(map[string]any)
+	if resp.StatusCode != 404 || v["type"] != "error" || errObj["type"] != "not_found_error" {
+		t.Errorf("/v1/messages for an unknown model: %d %v, want 404 with Anthropic's not_found_error", resp.StatusCode, v)
+	}
+}
+
+// TestHangUpDuringColdLoad: a client that hangs up while held stops only
+// its own wait; the load goes on and serves the next request.
+func TestHangUpDuringColdLoad(t *testing.T) {
+	st := freshStack(t, fleet)
+	ctx := testContext(t)
+	c := newClient(st)
+	tap := st.sims["beast"].tap
+	release := tap.holdLoads()
+	defer release()
+
+	actx, hangUp := context.WithCancel(ctx)
+	aDone := make(chan error, 1)
+	go func() {
+		_, err := c.Chat.Completions.New(actx, chat("helexa/balanced"))
+		aDone <- err
+	}()
+	select {
+	case <-tap.loadSeen:
+	case err := <-aDone:
+		t.Fatalf("request finished before the cold load started: %v", err)
+	case <-ctx.Done():
+		t.Fatal("cortex-extproc never asked beast to load Qwen/Qwen3-8B")
+	}
+	hangUp()
+	if err := <-aDone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("hung-up request: %v, want context.Canceled", err)
+	}
+	// The waiter leaves once Envoy resets the stream; the load stays.
+	waitFlight(t, ctx, st, func(waiters int, found bool) bool { return found && waiters == 0 })
+
+	bDone := make(chan error, 1)
+	var resp *http.Response
+	var content string
+	go func() {
+		cc, err := c.Chat.Completions.New(ctx, chat("helexa/balanced"), option.WithResponseInto(&resp))
+		if err == nil && len(cc.Choices) > 0 {
+			content = cc.Choices[0].Message.Content
+		}
+		bDone <- err
+	}()
+	waitFlight(t, ctx, st, func(waiters int, found bool) bool { return found && waiters == 1 })
+	release()
+	if err := <-bDone; err != nil {
+		t.Fatalf("request after the hang-up: %v", err)
+	}
+	served(t, resp, content, "beast", "Qwen/Qwen3-8B", true)
+	if got := tap.loadCount("Qwen/Qwen3-8B"); got != 1 {
+		t.Errorf("beast got %d loads of Qwen/Qwen3-8B, want 1: the hang-up must not cancel or restart the load", got)
+	}
+}
+
+// waitFlight polls /debug/fleet until the load of Qwen/Qwen3-8B matches.
+func waitFlight(t *testing.T, ctx context.Context, st *stack, ok func(waiters int, found bool) bool) {
+	t.Helper()
+	var last string
+	for {
+		_, body, err := st.cortex.admin(ctx, "/debug/fleet")
+		if err == nil {
+			var v struct {
+				Loads []struct {
+					Model   string `json:"model"`
+					Waiters int    `json:"waiters"`
+				} `json:"loads_in_progress"`
+			}
+			if json.Unmarshal(body, &v) == nil {
+				waiters, found := 0, false
+				for _, l := range v.Loads {
+					if l.Model == "Qwen/Qwen3-8B" {
+						waiters, found = l.Waiters, true
+					}
+				}
+				if ok(waiters, found) {
+					return
+				}
+				last = fmt.Sprintf("%+v", v.Loads)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("/debug/fleet loads_in_progress never reached the expected state; last %s", last)
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }

@@ -199,7 +199,11 @@ func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	routeCluster, _ := hs.get(e.clusterHeader)
 
 	// BUFFERED: Envoy holds the whole body; above the buffer limit the
-	// client gets 413 and ext_proc never sees the body.
+	// client gets 413 and ext_proc never sees the body. envoyLite buffers
+	// before sending the headers message (Envoy buffers while the headers
+	// reply is pending); the server cannot tell, and the body message still
+	// goes out only after the headers reply, so a server that waits for the
+	// body before answering the headers times out here as behind Envoy.
 	body, err := io.ReadAll(io.LimitReader(r.Body, int64(e.bufferLimit)+1))
 	if err != nil {
 		e.finish(w, ent, nil, &localReply{status: 400, details: "downstream_body_read_error", body: "Bad Request"})
@@ -838,6 +842,7 @@ func (st *extprocStream) applyMutation(m *extprocv3.HeaderMutation, hs *headerLi
 		case strings.HasPrefix(lk, ":") && lk != ":path" && lk != ":status":
 			return invalid("pseudo-header %q cannot be set", lk)
 		}
+		//lint:ignore SA1019 ext_proc honours only the legacy append field (envoy-ext-proc.md §2.3).
 		if o.GetAppend().GetValue() {
 			if strings.HasPrefix(lk, ":") {
 				return invalid("cannot append to pseudo-header %q", lk)
