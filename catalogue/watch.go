@@ -2,29 +2,24 @@ package catalogue
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
-	"os/signal"
 	"path/filepath"
 	"syscall"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-	"github.com/spf13/viper"
+	"github.com/helexa/cortex-extproc/filewatch"
 )
 
 const (
 	// DefaultPollInterval is how often Watch re-reads the file when no
 	// notification arrived.
-	DefaultPollInterval = 30 * time.Second
+	DefaultPollInterval = filewatch.DefaultPollInterval
 	// DefaultDebounce is how long file events must be quiet before Watch
 	// reloads.
-	DefaultDebounce = 200 * time.Millisecond
+	DefaultDebounce = filewatch.DefaultDebounce
 )
 
 // WatchOptions tunes Watch. The zero value uses the defaults.
@@ -68,14 +63,15 @@ type ReloadResult struct {
 }
 
 // Watch keeps store in step with the catalogue file at path until ctx ends,
-// then returns nil. A change is noticed three ways: Viper's file watch
-// (debounced), SIGHUP (reloads at once and logs even when nothing changed),
-// and a slow content-hash poll. A reload reads the file, does nothing if its
-// hash is the one in force, and otherwise parses and validates it: a good
-// catalogue is swapped in and its changes logged; a bad one (or a missing
-// file, or a directory in its place) is logged problem by problem and the
-// previous catalogue stays. Each outcome goes to opts.OnReload. A failure is
-// reported once, not again on every poll, until the content changes.
+// then returns nil. A change is noticed three ways (package filewatch):
+// Viper's file watch (debounced), SIGHUP (reloads at once and logs even
+// when nothing changed), and a slow content-hash poll. A reload does nothing
+// if the file's hash is the one in force, and otherwise parses and
+// validates it: a good catalogue is swapped in and its changes logged; a
+// bad one (or a missing file, or a directory in its place) is logged
+// problem by problem and the previous catalogue stays. Each outcome goes to
+// opts.OnReload. A failure is reported once, not again on every poll, until
+// the content changes.
 //
 // Watch is meant to run once per process: the goroutine behind Viper's file
 // watch cannot be stopped and ends only when the file is removed.
@@ -90,222 +86,82 @@ func Watch(ctx context.Context, path string, store *Store, opts WatchOptions) er
 	if err != nil {
 		return fmt.Errorf("catalogue watch: resolve %s: %w", path, err)
 	}
-	w := &watcher{
-		path:     abs,
-		store:    store,
-		opts:     opts,
-		events:   make(chan struct{}, 1),
-		debounce: opts.Debounce,
-	}
-	if w.debounce <= 0 {
-		w.debounce = DefaultDebounce
-	}
-	w.poll = opts.PollInterval
-	if w.poll == 0 {
-		w.poll = DefaultPollInterval
-	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	w.log = log.With("file", abs)
-
-	// Registered for the whole run: SIGHUP's default action ends the
-	// process.
-	sighup := make(chan os.Signal, 1)
-	signal.Notify(sighup, syscall.SIGHUP)
-	defer signal.Stop(sighup)
-
-	w.ensureFileWatch()
-	// The file may have changed between the caller's LoadFile and now.
-	w.reload("start", false)
-
-	var pollC <-chan time.Time
-	if w.poll > 0 {
-		t := time.NewTicker(w.poll)
-		defer t.Stop()
-		pollC = t.C
-	}
-	if opts.ready != nil {
-		opts.ready()
-	}
-
-	var debounce *time.Timer
-	var debounceC <-chan time.Time
-	defer func() {
-		if debounce != nil {
-			debounce.Stop()
-		}
-	}()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-w.events:
-			if debounce == nil {
-				debounce = time.NewTimer(w.debounce)
-			} else {
-				debounce.Reset(w.debounce)
-			}
-			debounceC = debounce.C
-		case <-debounceC:
-			debounceC = nil
-			w.reload("file", false)
-		case <-sighup:
-			w.reload("sighup", true)
-		case <-pollC:
-			w.reload("poll", false)
-		}
-	}
+	r := &reloader{path: abs, store: store, log: log.With("file", abs), onReload: opts.OnReload}
+	return filewatch.Watch(ctx, abs, filewatch.Options{
+		PollInterval: opts.PollInterval,
+		Debounce:     opts.Debounce,
+		Logger:       log.With("watch", "catalogue"),
+		NoNotify:     opts.noFileWatch,
+		Ready:        opts.ready,
+	}, r.apply)
 }
 
-// watcher is Watch's state, owned by its goroutine.
-type watcher struct {
+// reloader applies what the file watch reads to the store. Its methods run
+// on Watch's goroutine only.
+type reloader struct {
 	path     string
 	store    *Store
-	opts     WatchOptions
 	log      *slog.Logger
-	debounce time.Duration
-	poll     time.Duration // <= 0: off
-	// events receives Viper's change notifications (coalesced).
-	events chan struct{}
-	// armed reports a Viper file watch believed alive; armErr is the last
-	// arming failure, logged once.
-	armed  bool
-	armErr string
-	// missing is set while the file is absent.
-	missing bool
-	// lastFailure identifies the failure last reported (the content hash,
-	// or the read error), so the poll does not repeat it.
-	lastFailure string
+	onReload func(ReloadResult)
 }
 
-func (w *watcher) ensureFileWatch() {
-	if w.opts.noFileWatch || w.armed {
+// apply swaps in the catalogue ev carries if it is new and valid. A SIGHUP
+// is answered even when the file is unchanged.
+func (r *reloader) apply(ev filewatch.Event) {
+	trigger := string(ev.Trigger)
+	if ev.Err != nil {
+		r.fail(trigger, readError(r.path, ev.Err))
 		return
 	}
-	if err := w.armFileWatch(); err != nil {
-		if msg := err.Error(); msg != w.armErr {
-			w.armErr = msg
-			w.log.Error("catalogue file watch unavailable; edits are picked up only by SIGHUP and the content poll",
-				"poll_interval", w.poll, "error", err)
+	cur := r.store.Load()
+	if ev.Hash == cur.Hash {
+		if ev.Trigger == filewatch.SIGHUP {
+			r.log.Info("catalogue unchanged", "trigger", trigger, "generation", r.store.Generation(), "hash", short(ev.Hash))
 		}
 		return
 	}
-	w.armed, w.armErr = true, ""
-}
-
-// armFileWatch starts Viper's WatchConfig on an instance used only for the
-// notification: its decoder is a no-op, the catalogue itself is parsed by
-// Parse.
-func (w *watcher) armFileWatch() error {
-	dir := filepath.Dir(w.path)
-	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
-		return fmt.Errorf("directory %s of the catalogue does not exist", dir)
-	}
-	// WatchConfig calls os.Exit when it cannot create an inotify watcher
-	// (e.g. fs.inotify.max_user_instances reached); find out first.
-	probe, err := fsnotify.NewWatcher()
-	if err != nil {
-		return fmt.Errorf("create file watcher: %w", err)
-	}
-	_ = probe.Close()
-
-	codecs := viper.NewCodecRegistry()
-	if err := codecs.RegisterCodec("toml", notifyOnlyCodec{}); err != nil {
-		return err
-	}
-	v := viper.NewWithOptions(
-		viper.WithCodecRegistry(codecs),
-		viper.WithLogger(slog.New(minLevelHandler{w.log.Handler(), slog.LevelError}).With("component", "viper")),
-	)
-	v.SetConfigFile(w.path)
-	v.SetConfigType("toml")
-	events := w.events
-	v.OnConfigChange(func(fsnotify.Event) {
-		// Non-blocking: a pending notification already covers this one,
-		// and nobody reads after Watch returns.
-		select {
-		case events <- struct{}{}:
-		default:
-		}
-	})
-	v.WatchConfig()
-	return nil
-}
-
-// reload reads the file and swaps in its catalogue if it is new and valid.
-// force (SIGHUP) reports even an unchanged file or a repeated failure.
-func (w *watcher) reload(trigger string, force bool) {
-	cur := w.store.Load()
-	data, err := readFile(w.path)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) && !w.missing {
-			w.missing = true
-			// Viper's watch ends when the file is removed; watch the
-			// folder again so the re-created file is seen at once.
-			w.armed = false
-			w.ensureFileWatch()
-		}
-		w.fail(trigger, force, "read: "+err.Error(), err)
-		return
-	}
-	w.missing = false
-	sum := sha256.Sum256(data)
-	hash := hex.EncodeToString(sum[:])
-	if hash == cur.Hash {
-		w.lastFailure = ""
-		if force {
-			w.log.Info("catalogue unchanged", "trigger", trigger, "generation", w.store.Generation(), "hash", short(hash))
-		}
-		return
-	}
-	if !force && hash == w.lastFailure {
-		return
-	}
-	c, err := Parse(data)
+	c, err := Parse(ev.Data)
 	if err != nil {
 		var ve *ValidationError
 		if errors.As(err, &ve) {
-			ve.File = w.path
+			ve.File = r.path
 		}
-		w.fail(trigger, force, hash, err)
+		r.fail(trigger, err)
 		return
 	}
-	w.lastFailure = ""
-	gen := w.store.Swap(c)
+	gen := r.store.Swap(c)
 	d := Diff(cur, c)
-	w.log.Info("catalogue reloaded", "generation", gen, "trigger", trigger, "models", len(c.Models()), "hash", short(c.Hash),
+	r.log.Info("catalogue reloaded", "generation", gen, "trigger", trigger, "models", len(c.Models()), "hash", short(c.Hash),
 		"added", d.Added, "removed", d.Removed, "changed", d.Changed, "aliases_changed", d.AliasesChanged)
 	for _, p := range c.Warnings() {
-		w.log.Warn("catalogue warning", problemAttrs(p)...)
+		r.log.Warn("catalogue warning", problemAttrs(p)...)
 	}
-	if w.opts.OnReload != nil {
-		w.opts.OnReload(ReloadResult{OK: true, Catalogue: c, Generation: gen, Diff: d})
+	if r.onReload != nil {
+		r.onReload(ReloadResult{OK: true, Catalogue: c, Generation: gen, Diff: d})
 	}
 }
 
-// fail logs a failed attempt and reports it, once per distinct failure
-// unless forced.
-func (w *watcher) fail(trigger string, force bool, key string, err error) {
-	if !force && key == w.lastFailure {
-		return
-	}
-	w.lastFailure = key
-	cur, gen := w.store.Load(), w.store.Generation()
+// fail logs a failed attempt and reports it. The file watch delivers a
+// failure once per content, so the poll does not repeat it.
+func (r *reloader) fail(trigger string, err error) {
+	cur, gen := r.store.Load(), r.store.Generation()
 	var ve *ValidationError
 	if errors.As(err, &ve) {
 		for _, p := range ve.Problems {
-			w.log.Error("catalogue problem", problemAttrs(p)...)
+			r.log.Error("catalogue problem", problemAttrs(p)...)
 		}
-		w.log.Error("catalogue reload failed; keeping the previous catalogue", "trigger", trigger,
+		r.log.Error("catalogue reload failed; keeping the previous catalogue", "trigger", trigger,
 			"generation", gen, "hash", short(cur.Hash), "problems", len(ve.Problems))
 	} else {
-		w.log.Error("catalogue reload failed; keeping the previous catalogue", "trigger", trigger,
+		r.log.Error("catalogue reload failed; keeping the previous catalogue", "trigger", trigger,
 			"generation", gen, "hash", short(cur.Hash), "error", err)
 	}
-	if w.opts.OnReload != nil {
-		w.opts.OnReload(ReloadResult{Err: err, Catalogue: cur, Generation: gen, Diff: Diff(cur, cur)})
+	if r.onReload != nil {
+		r.onReload(ReloadResult{Err: err, Catalogue: cur, Generation: gen, Diff: Diff(cur, cur)})
 	}
 }
 
@@ -325,31 +181,14 @@ func short(hash string) string {
 	return hash
 }
 
-// notifyOnlyCodec lets the watch-only Viper instance "read" the file without
-// parsing it: Viper would lower-case and split the alias keys, and its
-// errors would duplicate Parse's.
-type notifyOnlyCodec struct{}
-
-func (notifyOnlyCodec) Decode([]byte, map[string]any) error { return nil }
-
-func (notifyOnlyCodec) Encode(map[string]any) ([]byte, error) {
-	return nil, errors.New("catalogue: the watch-only Viper instance does not write files")
-}
-
-// minLevelHandler drops records below min: Viper logs every read at info.
-type minLevelHandler struct {
-	slog.Handler
-	min slog.Level
-}
-
-func (h minLevelHandler) Enabled(ctx context.Context, l slog.Level) bool {
-	return l >= h.min && h.Handler.Enabled(ctx, l)
-}
-
-func (h minLevelHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return minLevelHandler{h.Handler.WithAttrs(attrs), h.min}
-}
-
-func (h minLevelHandler) WithGroup(name string) slog.Handler {
-	return minLevelHandler{h.Handler.WithGroup(name), h.min}
+// readError turns a failed read of the catalogue file into an error that
+// says what to do, like LoadFile's.
+func readError(path string, err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("catalogue file %s does not exist (%w); create it or point models_config at it", path, err)
+	case errors.Is(err, syscall.EISDIR):
+		return fmt.Errorf("catalogue %s is a directory, not a file; point models_config at the models.toml inside it (%w)", path, err)
+	}
+	return fmt.Errorf("read catalogue %s: %w", path, err)
 }

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/helexa/cortex-extproc/filewatch"
 )
 
 const waitLimit = 5 * time.Second
@@ -374,7 +376,7 @@ func TestStoreConcurrentReadsDuringReloads(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := NewStore(c)
-	w := &watcher{path: path, store: store, log: slog.New(slog.NewTextHandler(io.Discard, nil)), events: make(chan struct{}, 1)}
+	w := &reloader{path: path, store: store, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 
 	stop := make(chan struct{})
 	var readers sync.WaitGroup
@@ -401,7 +403,7 @@ func TestStoreConcurrentReadsDuringReloads(t *testing.T) {
 	for i := 1; i <= 50; i++ {
 		id := fmt.Sprint("m", i)
 		writeFile(t, path, catalogueTOML(id, id, "shared"))
-		w.reload("test", false)
+		w.apply(filewatch.Read(path, "test"))
 		if got := store.Generation(); got != uint64(i+1) {
 			t.Fatalf("after reload %d: generation %d", i, got)
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/fleet"
 	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/tracing"
 )
 
 // Cold-load defaults (contract.md [cold_load]).
@@ -475,7 +476,9 @@ func (l *ColdLoader) attempt(ctx context.Context, p *catalogue.Profile, plan Pla
 	start := time.Now()
 	l.log.Info("cold load started", "model", p.ID, "node", node, "devices", plan.Spec.Devices, "evicting", plan.Evict)
 	l.obs.LoadStarted(p.ID, node)
+	ctx, span := tracing.StartColdLoad(ctx, p.ID, node)
 	err := l.evictAndLoad(ctx, api, p, plan)
+	tracing.End(span, err)
 	d := time.Since(start)
 	l.obs.LoadFinished(p.ID, node, err == nil, d)
 	if err == nil {
@@ -568,7 +571,10 @@ func (l *ColdLoader) makeRoom(ctx context.Context, api neuron.API, p *catalogue.
 				gained = resident{id: m.ID, vram: residentVRAM(cat, &m.Model), devices: m.Devices}
 			}
 		}
-		if err := api.Unload(ctx, victim); err != nil {
+		uctx, span := tracing.StartEviction(ctx, nodeName, victim, p.ID)
+		err := api.Unload(uctx, victim)
+		tracing.End(span, err)
+		if err != nil {
 			return fmt.Errorf("could not unload %s to make room: %w", victim, err)
 		}
 		evicted = append(evicted, victim)

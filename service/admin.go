@@ -56,9 +56,11 @@ type nodeView struct {
 	Endpoint            string          `json:"endpoint"`
 	Healthy             bool            `json:"healthy"`
 	ConsecutiveFailures int             `json:"consecutive_failures"`
-	LastPoll            time.Time       `json:"last_poll"`
-	LastSuccess         time.Time       `json:"last_success"`
+	LastPoll            *time.Time      `json:"last_poll"`    // null before the first poll
+	LastSuccess         *time.Time      `json:"last_success"` // null until a /models poll succeeded
 	LastError           string          `json:"last_error,omitempty"`
+	UptimeSecs          *int64          `json:"uptime_secs,omitempty"` // from /health; a drop means the neuron restarted
+	Activation          string          `json:"activation,omitempty"`  // pre_warming | ready
 	Devices             []deviceView    `json:"devices"`
 	CUDAUnavailable     *string         `json:"cuda_unavailable_reason,omitempty"`
 	Loading             []string        `json:"loading,omitempty"`
@@ -73,14 +75,17 @@ type deviceView struct {
 }
 
 type nodeModelView struct {
-	ID         string     `json:"id"`
-	Status     string     `json:"status"`
-	Servable   bool       `json:"servable"`
-	VRAMUsedMB *int64     `json:"vram_used_mb"`
-	InFlight   int        `json:"in_flight"`
-	QueueDepth int        `json:"queue_depth"`
-	Endpoint   string     `json:"endpoint"`
-	LastAccess *time.Time `json:"last_access,omitempty"`
+	ID       string `json:"id"`
+	Status   string `json:"status"`
+	Servable bool   `json:"servable"`
+	// NotServableReason is the neuron's reason when servable is false.
+	NotServableReason string     `json:"not_servable_reason,omitempty"`
+	Devices           []int      `json:"devices"`
+	VRAMUsedMB        *int64     `json:"vram_used_mb"`
+	InFlight          int        `json:"in_flight"`
+	QueueDepth        int        `json:"queue_depth"`
+	Endpoint          string     `json:"endpoint"`
+	LastAccess        *time.Time `json:"last_access,omitempty"`
 }
 
 func (s *Service) debugFleet(w http.ResponseWriter, _ *http.Request) {
@@ -105,7 +110,7 @@ func (s *Service) debugFleet(w http.ResponseWriter, _ *http.Request) {
 func (s *Service) nodeView(n *fleet.Node) nodeView {
 	nv := nodeView{
 		Name: n.Name, Cluster: n.Cluster, Endpoint: n.Endpoint, Healthy: n.Healthy,
-		ConsecutiveFailures: n.ConsecutiveFailures, LastPoll: n.LastPoll, LastSuccess: n.LastSuccess,
+		ConsecutiveFailures: n.ConsecutiveFailures, LastPoll: timeOrNil(n.LastPoll), LastSuccess: timeOrNil(n.LastSuccess),
 		LastError: n.LastError, Devices: []deviceView{}, Models: []nodeModelView{},
 	}
 	if n.Discovery != nil {
@@ -116,15 +121,34 @@ func (s *Service) nodeView(n *fleet.Node) nodeView {
 		}
 	}
 	if n.Health != nil {
+		up := n.Health.UptimeSecs
+		nv.UptimeSecs = &up
 		nv.Loading = n.Health.Activation.Loading()
+		if a := n.Health.Activation; a != nil {
+			nv.Activation = a.State
+		}
 	}
 	for _, m := range n.Models {
 		mv := nodeModelView{ID: m.ID, Status: string(m.Status), Servable: m.IsServable(), VRAMUsedMB: m.VRAMUsedMB,
-			InFlight: m.InFlight, QueueDepth: m.QueueDepth, Endpoint: m.Endpoint}
+			InFlight: m.InFlight, QueueDepth: m.QueueDepth, Endpoint: m.Endpoint, Devices: m.Devices}
+		if mv.Devices == nil {
+			mv.Devices = []int{}
+		}
+		if !mv.Servable {
+			mv.NotServableReason = m.Servable.Reason
+		}
 		if t := s.router.LastAccess(n.Name, m.ID); !t.IsZero() {
 			mv.LastAccess = &t
 		}
 		nv.Models = append(nv.Models, mv)
 	}
 	return nv
+}
+
+// timeOrNil shows a zero time (never happened) as JSON null.
+func timeOrNil(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
 }

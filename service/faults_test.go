@@ -828,6 +828,48 @@ func TestFaultEndpointUnresolvable(t *testing.T) {
 	}
 }
 
+// TestFaultHangingEndpointLookupsDoNotStallTheFleet: a neuron whose
+// /models/{id}/endpoint calls hang must not hold back the polling of the
+// other neurons (poll rounds wait for every neuron, so one neuron's round
+// must stay bounded however many models it lists).
+func TestFaultHangingEndpointLookupsDoNotStallTheFleet(t *testing.T) {
+	fxLeakCheck(t)
+	junk := []string{"Org/Warm"}
+	for i := 0; i < 10; i++ {
+		junk = append(junk, fmt.Sprintf("Junk/%d", i))
+	}
+	a := fxStartNeuron(t, "a", junk...)
+	b := fxStartNeuron(t, "b", "Org/Warm")
+	h := fxStart(t, fxConfig(t, fxCatalogue, a, b))
+	var hung atomic.Int64
+	a.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.HasPrefix(r.URL.Path, "/models/Junk") {
+			return false
+		}
+		hung.Add(1)
+		return a.hang(w, r)
+	})
+	a.sim.Restart() // uptime drops: a's endpoints are looked up again
+	bPolls := func() int {
+		n := 0
+		for _, u := range b.requestURIs() {
+			if u == "/models" {
+				n++
+			}
+		}
+		return n
+	}
+	eventually(t, "a's lookups to start hanging", func() bool { return hung.Load() > 0 })
+	start := bPolls()
+	eventually(t, "b to be polled 6 more times", func() bool { return bPolls() >= start+6 })
+	// Ten hanging lookups in a row would hold every round for 10 × the
+	// poll timeout; b would be polled once per 10 of them.
+	if n := hung.Load(); n >= 30 {
+		t.Errorf("%d hanging endpoint lookups on a while b was polled 6 times: one neuron's lookups stall the fleet's polls", n)
+	}
+	wantRouted(t, h.route(t, "fx/warm"), map[bool]string{true: "a", false: "b"}[h.route(t, "fx/warm").Node == "a"], "Org/Warm")
+}
+
 // --- the catalogue misbehaving during reloads -----------------------------
 
 func TestFaultCatalogueReloads(t *testing.T) {
@@ -954,7 +996,7 @@ func TestFault5000ConcurrentStreams(t *testing.T) {
 	defer cancel()
 	body := fxChat("fx/warm")
 	var opened, routed, failed atomic.Int64
-	allOpen := make(chan struct{})
+	allOpen, proceed := make(chan struct{}), make(chan struct{})
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
 	for i := 0; i < streams; i++ {
@@ -985,8 +1027,9 @@ func TestFault5000ConcurrentStreams(t *testing.T) {
 				close(allOpen)
 			}
 			select {
-			case <-allOpen:
+			case <-proceed:
 			case <-ctx.Done():
+				failed.Add(1)
 				return
 			}
 			if err := st.Send(fxBody(body)); err != nil {
@@ -1021,6 +1064,7 @@ func TestFault5000ConcurrentStreams(t *testing.T) {
 			t.Errorf("inflight_streams = %v with every stream open, want %d", n, streams)
 		}
 	}
+	close(proceed)
 	wg.Wait()
 	if routed.Load() != streams {
 		t.Fatalf("%d of %d streams routed, %d failed (first: %v)", routed.Load(), streams, failed.Load(), firstErr.Load())

@@ -2,39 +2,26 @@ package service
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net/http"
-	"os"
-	"os/signal"
 	"path/filepath"
 	"slices"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
-	"github.com/spf13/viper"
-
 	"github.com/helexa/cortex-extproc/config"
+	"github.com/helexa/cortex-extproc/filewatch"
 	"github.com/helexa/cortex-extproc/fleet"
 	"github.com/helexa/cortex-extproc/neuron"
 )
 
-// neuronReloadDebounce is how long file events must be quiet before the
-// config file is re-read, so an editor's burst of writes is read once.
-const neuronReloadDebounce = 200 * time.Millisecond
-
 // neuronReloader keeps the fleet's neurons in step with the service config
 // file's [[neurons]] list, without a restart. It notices a change the way
-// the catalogue watcher does: Viper's WatchConfig on the file (debounced),
-// SIGHUP, and a content-hash poll every catalogue.poll_interval, the
-// backstop for edits file notifications miss (Docker single-file bind
-// mounts, Kubernetes ConfigMap symlink swaps).
+// the catalogue watcher does (package filewatch): Viper's file watch
+// (debounced), SIGHUP, and a content-hash poll every
+// catalogue.poll_interval.
 //
 // A changed file is loaded and validated like at start. A valid one swaps
 // the name → client map (read by the cold loader) and hands the new list
@@ -42,29 +29,20 @@ const neuronReloadDebounce = 200 * time.Millisecond
 // effect only after a restart. An invalid one is logged problem by problem
 // and changes nothing.
 type neuronReloader struct {
-	path     string
-	log      *slog.Logger
-	hc       *http.Client
-	poller   *fleet.Poller
-	clients  *atomic.Pointer[map[string]neuron.API]
-	poll     time.Duration // <= 0: no hash poll
-	debounce time.Duration
-	// events receives Viper's change notifications (coalesced).
-	events chan struct{}
+	path    string
+	log     *slog.Logger
+	hc      *http.Client
+	poller  *fleet.Poller
+	clients *atomic.Pointer[map[string]neuron.API]
+	poll    time.Duration // < 0: no hash poll
 
 	// Owner state, touched only by run's goroutine after it starts.
 	//
 	// running is the config in force: the one the service started with,
 	// with the [[neurons]] of the last valid reload.
 	running config.Config
-	// hash is the content hash of the file last read valid; lastFailure
-	// the failure last reported (content hash or read error), so the poll
-	// does not repeat it.
-	hash        string
-	lastFailure string
-	missing     bool
-	armed       bool
-	armErr      string
+	// hash is the content hash of the file last read valid.
+	hash string
 
 	// Test hooks: ready is called once SIGHUP is handled and the first
 	// read is done; reloaded after each attempt that was not a no-op.
@@ -77,19 +55,29 @@ type neuronReloader struct {
 
 func newNeuronReloader(cfg config.Config, log *slog.Logger, hc *http.Client, p *fleet.Poller, clients *atomic.Pointer[map[string]neuron.API]) *neuronReloader {
 	r := &neuronReloader{
-		path:     cfg.File,
-		log:      log.With("file", cfg.File),
-		hc:       hc,
-		poller:   p,
-		clients:  clients,
-		poll:     cfg.Catalogue.PollInterval,
-		debounce: neuronReloadDebounce,
-		events:   make(chan struct{}, 1),
-		running:  cfg,
+		path:    cfg.File,
+		log:     log,
+		hc:      hc,
+		poller:  p,
+		clients: clients,
+		poll:    cfg.Catalogue.PollInterval,
+		running: cfg,
+	}
+	if r.poll <= 0 {
+		r.poll = -1
 	}
 	if abs, err := filepath.Abs(cfg.File); err == nil {
 		r.path = abs
+		// A re-read resolves a relative models_config against the absolute
+		// path; resolve the running one the same way, or a relative
+		// --config would look like a changed models_config.
+		if mc := cfg.ModelsConfig; mc != "" && !filepath.IsAbs(mc) {
+			if absMC, err := filepath.Abs(mc); err == nil {
+				r.running.ModelsConfig = absMC
+			}
+		}
 	}
+	r.log = log.With("file", r.path)
 	return r
 }
 
@@ -117,75 +105,34 @@ func neuronClients(ns []config.Neuron, hc *http.Client, prev map[string]neuron.A
 // run once per process: Viper's watch goroutine ends only when the file is
 // removed.
 func (r *neuronReloader) run(ctx context.Context) {
-	sighup := make(chan os.Signal, 1)
-	signal.Notify(sighup, syscall.SIGHUP)
-	defer signal.Stop(sighup)
-
-	r.ensureFileWatch()
-	// The file may have changed since the service read it.
-	r.reload("start", false)
-
-	var pollC <-chan time.Time
-	if r.poll > 0 {
-		t := time.NewTicker(r.poll)
-		defer t.Stop()
-		pollC = t.C
-	}
-	if r.ready != nil {
-		r.ready()
-	}
-	debounce := time.NewTimer(time.Hour)
-	debounce.Stop()
-	defer debounce.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-r.events:
-			debounce.Reset(r.debounce)
-		case <-debounce.C:
-			r.reload("file", false)
-		case <-sighup:
-			r.reload("sighup", true)
-		case <-pollC:
-			r.reload("poll", false)
-		}
+	err := filewatch.Watch(ctx, r.path, filewatch.Options{
+		PollInterval: r.poll,
+		Logger:       r.log.With("watch", "config"),
+		NoNotify:     r.noFileWatch,
+		Ready:        r.ready,
+	}, r.apply)
+	if err != nil {
+		r.log.Error("config watch stopped; [[neurons]] edits need a restart", "error", err)
 	}
 }
 
-// reload reads the file and applies its [[neurons]] if the content is new
-// and valid. force (SIGHUP) reports even an unchanged file or a repeated
-// failure.
-func (r *neuronReloader) reload(trigger string, force bool) {
-	data, err := os.ReadFile(r.path)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) && !r.missing {
-			r.missing = true
-			// Viper's watch ends when the file is removed; watch the
-			// folder again so the re-created file is seen at once.
-			r.armed = false
-			r.ensureFileWatch()
-		}
-		r.fail(trigger, force, "read: "+err.Error(), func() {
-			r.log.Error("config file unreadable; keeping the current [[neurons]]", "trigger", trigger, "error", err)
-		})
+// apply takes the [[neurons]] of the config ev carries if the content is
+// new and valid. A SIGHUP is answered even when the file is unchanged.
+func (r *neuronReloader) apply(ev filewatch.Event) {
+	trigger := string(ev.Trigger)
+	if ev.Err != nil {
+		r.log.Error("config file unreadable; keeping the current [[neurons]]", "trigger", trigger, "error", ev.Err)
+		r.report(false)
 		return
 	}
-	r.missing = false
-	sum := sha256.Sum256(data)
-	hash := hex.EncodeToString(sum[:])
-	if hash == r.hash {
-		r.lastFailure = ""
-		if force {
+	if ev.Hash == r.hash {
+		if ev.Trigger == filewatch.SIGHUP {
 			r.log.Info("config unchanged", "trigger", trigger, "neurons", len(r.running.Neurons))
 		}
 		return
 	}
-	if !force && hash == r.lastFailure {
-		return
-	}
 
-	res, err := config.Parse(r.path, data)
+	res, err := config.Parse(r.path, ev.Data)
 	var problems []config.Problem
 	var le *config.LoadError
 	switch {
@@ -206,29 +153,36 @@ func (r *neuronReloader) reload(trigger string, force bool) {
 		}
 	}
 	if len(problems) > 0 {
-		r.fail(trigger, force, hash, func() {
-			for _, p := range problems {
-				r.log.Error("config problem", "key", p.Key, "problem", p.Message)
-			}
-			r.log.Error("config reload failed; keeping the current [[neurons]]", "trigger", trigger,
-				"problems", len(problems), "neurons", len(r.running.Neurons))
-		})
+		// The file watch delivers a content once, so the poll does not
+		// repeat this.
+		for _, p := range problems {
+			r.log.Error("config problem", "key", p.Key, "problem", p.Message)
+		}
+		r.log.Error("config reload failed; keeping the current [[neurons]]", "trigger", trigger,
+			"problems", len(problems), "neurons", len(r.running.Neurons))
+		r.report(false)
 		return
 	}
 
-	r.lastFailure = ""
-	r.hash = hash
+	r.hash = ev.Hash
+	changedKeys := config.ChangedKeys(r.running, next)
+	if ev.Trigger == filewatch.Start && len(changedKeys) == 0 {
+		// The content the service started with: main has already
+		// reported its unknown keys.
+		r.report(true)
+		return
+	}
 	for _, k := range res.Unknown {
 		r.log.Warn("unknown config key ignored; check its spelling", "key", k)
 	}
-	if keys := slices.DeleteFunc(config.ChangedKeys(r.running, next), func(k string) bool { return k == "neurons" }); len(keys) > 0 {
+	if keys := slices.DeleteFunc(changedKeys, func(k string) bool { return k == "neurons" }); len(keys) > 0 {
 		r.log.Warn("config keys changed that take effect only after a restart; [[neurons]] and the catalogue's content reload live",
 			"keys", keys, "trigger", trigger)
 	}
 	added, removed, changed := diffNeurons(r.running.Neurons, next.Neurons)
 	r.running.Neurons = next.Neurons
 	if len(added)+len(removed)+len(changed) == 0 {
-		if force || trigger != "start" {
+		if ev.Trigger != filewatch.Start {
 			r.log.Info("config reloaded; [[neurons]] unchanged", "trigger", trigger, "neurons", len(next.Neurons))
 		}
 		r.report(true)
@@ -242,16 +196,6 @@ func (r *neuronReloader) reload(trigger string, force bool) {
 	r.log.Info("neurons reloaded", "trigger", trigger, "neurons", len(next.Neurons),
 		"added", added, "removed", removed, "changed", changed)
 	r.report(true)
-}
-
-// fail logs a failed attempt once per distinct failure, unless forced.
-func (r *neuronReloader) fail(trigger string, force bool, key string, logIt func()) {
-	if !force && key == r.lastFailure {
-		return
-	}
-	r.lastFailure = key
-	logIt()
-	r.report(false)
 }
 
 func (r *neuronReloader) report(ok bool) {
@@ -287,86 +231,4 @@ func diffNeurons(prev, next []config.Neuron) (added, removed, changed []string) 
 	slices.Sort(removed)
 	slices.Sort(changed)
 	return added, removed, changed
-}
-
-func (r *neuronReloader) ensureFileWatch() {
-	if r.noFileWatch || r.armed {
-		return
-	}
-	if err := r.armFileWatch(); err != nil {
-		if msg := err.Error(); msg != r.armErr {
-			r.armErr = msg
-			r.log.Error("config file watch unavailable; [[neurons]] edits are picked up only by SIGHUP and the content poll",
-				"poll_interval", r.poll, "error", err)
-		}
-		return
-	}
-	r.armed, r.armErr = true, ""
-}
-
-// armFileWatch starts Viper's WatchConfig on an instance used only for the
-// notification: its decoder is a no-op, the config itself is read by
-// config.Parse.
-func (r *neuronReloader) armFileWatch() error {
-	dir := filepath.Dir(r.path)
-	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
-		return fmt.Errorf("directory %s of the config file does not exist", dir)
-	}
-	// WatchConfig calls os.Exit when it cannot create an inotify watcher
-	// (e.g. fs.inotify.max_user_instances reached); find out first.
-	probe, err := fsnotify.NewWatcher()
-	if err != nil {
-		return fmt.Errorf("create file watcher: %w", err)
-	}
-	_ = probe.Close()
-
-	codecs := viper.NewCodecRegistry()
-	if err := codecs.RegisterCodec("toml", notifyOnlyCodec{}); err != nil {
-		return err
-	}
-	v := viper.NewWithOptions(
-		viper.WithCodecRegistry(codecs),
-		viper.WithLogger(slog.New(minLevel{r.log.Handler(), slog.LevelError}).With("component", "viper")),
-	)
-	v.SetConfigFile(r.path)
-	v.SetConfigType("toml") // any supported type: the codec registered for it ignores the content
-	events := r.events
-	v.OnConfigChange(func(fsnotify.Event) {
-		// Non-blocking: a pending notification already covers this one,
-		// and nobody reads after run returns.
-		select {
-		case events <- struct{}{}:
-		default:
-		}
-	})
-	v.WatchConfig()
-	return nil
-}
-
-// notifyOnlyCodec lets the watch-only Viper instance "read" the file
-// without parsing it, so a broken file is reported once, by the reloader.
-type notifyOnlyCodec struct{}
-
-func (notifyOnlyCodec) Decode([]byte, map[string]any) error { return nil }
-
-func (notifyOnlyCodec) Encode(map[string]any) ([]byte, error) {
-	return nil, errors.New("the watch-only Viper instance does not write files")
-}
-
-// minLevel drops records below min: Viper logs every read at info.
-type minLevel struct {
-	slog.Handler
-	min slog.Level
-}
-
-func (h minLevel) Enabled(ctx context.Context, l slog.Level) bool {
-	return l >= h.min && h.Handler.Enabled(ctx, l)
-}
-
-func (h minLevel) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return minLevel{h.Handler.WithAttrs(attrs), h.min}
-}
-
-func (h minLevel) WithGroup(name string) slog.Handler {
-	return minLevel{h.Handler.WithGroup(name), h.min}
 }

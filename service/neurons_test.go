@@ -79,6 +79,12 @@ type reloadOpts struct {
 	noFileWatch bool
 	pollMS      int // catalogue.poll_interval; 0 = 1h
 	symlinked   bool
+	// relative runs the service from the config's folder with --config
+	// given relative to it, as `cortex-extproc serve --config
+	// cortex-extproc.toml` does.
+	relative bool
+	// unknownKey adds a top-level key the service does not know.
+	unknownKey bool
 }
 
 // configText is a service config on loopback ports with the given neurons
@@ -98,7 +104,11 @@ func (o reloadOpts) extra() string {
 	if o.pollMS > 0 {
 		poll = fmt.Sprintf("%dms", o.pollMS)
 	}
-	return fmt.Sprintf("[poll]\ninterval = \"100ms\"\ntimeout = \"2s\"\n[catalogue]\npoll_interval = %q\n", poll)
+	unknown := ""
+	if o.unknownKey {
+		unknown = "bogus_key = 1\n"
+	}
+	return unknown + fmt.Sprintf("[poll]\ninterval = \"100ms\"\ntimeout = \"2s\"\n[catalogue]\npoll_interval = %q\n", poll)
 }
 
 // startReload runs a Service whose config file lists neurons, and waits
@@ -125,6 +135,10 @@ func startReload(t *testing.T, o reloadOpts, neurons [][2]string) *reloadRun {
 		writeFile(t, filepath.Join(dir, "..v1", "cortex-extproc.toml"), configText(neurons, o.extra()))
 	} else {
 		writeFile(t, r.path, configText(neurons, o.extra()))
+	}
+	if o.relative {
+		t.Chdir(dir)
+		r.path = filepath.Base(r.path)
 	}
 	res, err := config.Load(r.path)
 	if err != nil {
@@ -185,6 +199,18 @@ func renameOver(t *testing.T, path, content string) {
 	writeFile(t, tmp, content)
 	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// waitFor waits until the logs hold substr.
+func (l *syncLog) waitFor(t *testing.T, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(reloadWait)
+	for !strings.Contains(l.String(), substr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("logs lack %s:\n%s", substr, l)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -297,6 +323,33 @@ func TestNeuronsReloadNamesKeysThatNeedARestart(t *testing.T) {
 	logs := r.logs.String()
 	if !strings.Contains(logs, "take effect only after a restart") || !strings.Contains(logs, `"keys":["log.level","poll.timeout"]`) {
 		t.Errorf("want a warning naming log.level and poll.timeout; logs:\n%s", logs)
+	}
+}
+
+// A clean start must not warn: the reloader's first read is the file the
+// service started with. With --config relative to the working folder, the
+// running models_config was relative while the re-read one is absolute, and
+// the reloader used to report models_config as changed, needing a restart.
+func TestNeuronsReloadCleanStartIsQuiet(t *testing.T) {
+	a, b := reloadNeuron(t), reloadNeuron(t)
+	o := reloadOpts{relative: true, unknownKey: true}
+	r := startReload(t, o, [][2]string{{"alpha", a}})
+	r.waitNodes(t, "alpha")
+	logs := r.logs.String()
+	if strings.Contains(logs, "take effect only after a restart") {
+		t.Errorf("a clean start warned about keys needing a restart; logs:\n%s", logs)
+	}
+	// The caller (main) reports the unknown keys of the file it loaded.
+	if strings.Contains(logs, "unknown config key ignored") {
+		t.Errorf("a clean start repeated the unknown-key warning; logs:\n%s", logs)
+	}
+
+	// An edit of [[neurons]] alone is taken and names no other key.
+	writeFile(t, r.path, configText([][2]string{{"alpha", a}, {"beta", b}}, o.extra()))
+	r.waitNodes(t, "alpha", "beta")
+	r.logs.waitFor(t, `"msg":"neurons reloaded"`)
+	if logs := r.logs.String(); strings.Contains(logs, "take effect only after a restart") {
+		t.Errorf("an edit of [[neurons]] alone warned about keys needing a restart; logs:\n%s", logs)
 	}
 }
 

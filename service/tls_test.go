@@ -198,7 +198,9 @@ func TestTLSMisconfigurationFailsAtStart(t *testing.T) {
 		set       func(*config.Config)
 		mentioned string
 	}{
-		{"missing key", func(c *config.Config) { c.ExtProc.TLSCertFile, c.ExtProc.TLSKeyFile = cert, filepath.Join(dir, "nope.key") }, "tls_key_file"},
+		{"missing key", func(c *config.Config) {
+			c.ExtProc.TLSCertFile, c.ExtProc.TLSKeyFile = cert, filepath.Join(dir, "nope.key")
+		}, "tls_key_file"},
 		{"key is not a key", func(c *config.Config) { c.ExtProc.TLSCertFile, c.ExtProc.TLSKeyFile = cert, cert }, "tls_key_file"},
 		{"CA without PEM", func(c *config.Config) {
 			c.ExtProc.TLSCertFile, c.ExtProc.TLSKeyFile = cert, key
