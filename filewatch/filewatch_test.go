@@ -34,22 +34,11 @@ func start(t *testing.T, path string, opts Options, want string) *run {
 	go func() { done <- Watch(ctx, path, opts, func(ev Event) { r.events <- ev }) }()
 	t.Cleanup(func() {
 		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Watch returned %v after cancel", err)
-			}
-		case <-time.After(waitLimit):
-			t.Error("Watch did not return after its context ended")
+		if err := receive(t, done, "Watch to return after its context ended"); err != nil {
+			t.Errorf("Watch returned %v", err)
 		}
 	})
-	select {
-	case <-ready:
-	case err := <-done:
-		t.Fatalf("Watch returned early: %v", err)
-	case <-time.After(waitLimit):
-		t.Fatal("Watch did not start")
-	}
+	receive(t, ready, "Watch to be ready")
 	// Ready comes after the Start event is handled: it is already queued.
 	select {
 	case ev := <-r.events:
@@ -62,12 +51,19 @@ func start(t *testing.T, path string, opts Options, want string) *run {
 
 func (r *run) next(t *testing.T) Event {
 	t.Helper()
+	return receive(t, r.events, "an event")
+}
+
+// receive waits for a value on ch.
+func receive[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
 	select {
-	case ev := <-r.events:
-		return ev
+	case v := <-ch:
+		return v
 	case <-time.After(waitLimit):
-		t.Fatalf("no event within %v", waitLimit)
-		return Event{}
+		t.Fatalf("waited %v for %s", waitLimit, what)
+		var zero T
+		return zero
 	}
 }
 
@@ -111,12 +107,19 @@ func hup(t *testing.T) {
 func TestEditInPlace(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "app.toml")
 	write(t, path, "a = 1\n")
-	r := start(t, path, Options{PollInterval: -1}, "a = 1\n")
+	r := start(t, path, Options{PollInterval: -1, Debounce: 20 * time.Millisecond}, "a = 1\n")
 
 	write(t, path, "a = 2\n")
 	expect(t, r.next(t), File, "a = 2\n")
 	write(t, path, "a = 3\n")
 	expect(t, r.next(t), File, "a = 3\n")
+
+	// A save that changes nothing is not delivered: the next event is the
+	// next content.
+	write(t, path, "a = 3\n")
+	time.Sleep(10 * 20 * time.Millisecond) // ten debounces' worth
+	write(t, path, "a = 4\n")
+	expect(t, r.next(t), File, "a = 4\n")
 }
 
 func TestRenameOver(t *testing.T) {

@@ -507,16 +507,20 @@ func pollNode(ctx context.Context, in pollInput, timeout time.Duration) pollResu
 	r.models = normalizeModels(r.models)
 
 	r.endpoints = map[string]endpointAnswer{}
+	// The lookups share one poll timeout: a round waits for every neuron,
+	// so one whose endpoint calls hang must not hold the whole fleet's
+	// polls for (models × timeout). What is left is retried next round.
+	epCtx, epCancel := context.WithTimeout(ctx, timeout)
+	defer epCancel()
 	for _, m := range r.models {
 		if _, ok := in.endpoints[m.ID]; ok && !r.restarted {
 			continue
 		}
+		if epCtx.Err() != nil {
+			break
+		}
 		var a endpointAnswer
-		a.err = call(func(ctx context.Context) error {
-			u, err := in.api.Endpoint(ctx, m.ID)
-			a.url = u
-			return err
-		})
+		a.url, a.err = in.api.Endpoint(epCtx, m.ID)
 		if a.err == nil && a.url == "" {
 			a.err = errors.New("empty endpoint answer")
 		}

@@ -840,7 +840,6 @@ func TestFaultHangingEndpointLookupsDoNotStallTheFleet(t *testing.T) {
 	}
 	a := fxStartNeuron(t, "a", junk...)
 	b := fxStartNeuron(t, "b", "Org/Warm")
-	h := fxStart(t, fxConfig(t, fxCatalogue, a, b))
 	var hung atomic.Int64
 	a.setHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if !strings.HasPrefix(r.URL.Path, "/models/Junk") {
@@ -849,7 +848,7 @@ func TestFaultHangingEndpointLookupsDoNotStallTheFleet(t *testing.T) {
 		hung.Add(1)
 		return a.hang(w, r)
 	})
-	a.sim.Restart() // uptime drops: a's endpoints are looked up again
+	h := fxStart(t, fxConfig(t, fxCatalogue, a, b))
 	bPolls := func() int {
 		n := 0
 		for _, u := range b.requestURIs() {
@@ -867,7 +866,9 @@ func TestFaultHangingEndpointLookupsDoNotStallTheFleet(t *testing.T) {
 	if n := hung.Load(); n >= 30 {
 		t.Errorf("%d hanging endpoint lookups on a while b was polled 6 times: one neuron's lookups stall the fleet's polls", n)
 	}
-	wantRouted(t, h.route(t, "fx/warm"), map[bool]string{true: "a", false: "b"}[h.route(t, "fx/warm").Node == "a"], "Org/Warm")
+	if r := h.route(t, "fx/warm"); r.Status != 200 || r.Model != "Org/Warm" {
+		t.Errorf("got %s, want routed", r)
+	}
 }
 
 // --- the catalogue misbehaving during reloads -----------------------------

@@ -23,8 +23,8 @@ import (
 	"github.com/helexa/cortex-extproc/neuronsim"
 )
 
-// soakCatalogue: eight models that cannot all fit on one neuron (two 24 GB
-// devices each), so cold loads evict, plus aliases.
+// soakCatalogue: ten models, 132 GB in all, for four neurons with one
+// 24 GB device each, so cold loads evict; plus aliases.
 const soakCatalogue = `
 [[models]]
 id = "Soak/A"
@@ -59,6 +59,14 @@ id = "Soak/H"
 harness = "candle"
 vram_mb = 4000
 residency_priority = 300
+[[models]]
+id = "Soak/I"
+harness = "candle"
+vram_mb = 20000
+[[models]]
+id = "Soak/J"
+harness = "candle"
+vram_mb = 16000
 
 [aliases]
 "soak/small" = "Soak/H"
@@ -67,7 +75,7 @@ residency_priority = 300
 `
 
 var soakSizes = map[string]int64{"Soak/A": 8000, "Soak/B": 8000, "Soak/C": 12000, "Soak/D": 12000,
-	"Soak/E": 16000, "Soak/F": 16000, "Soak/G": 20000, "Soak/H": 4000}
+	"Soak/E": 16000, "Soak/F": 16000, "Soak/G": 20000, "Soak/H": 4000, "Soak/I": 20000, "Soak/J": 16000}
 
 // soakFault is one fault a neuron can be put in for a while.
 type soakFault struct {
@@ -111,12 +119,6 @@ type soakStats struct {
 	faults    map[string]int
 }
 
-func (s *soakStats) count(kind string) {
-	s.mu.Lock()
-	s.errors[kind]++
-	s.mu.Unlock()
-}
-
 // TestSoak drives the service at high concurrency for a minute while
 // random faults hit the simulated neurons. Every routed request is then
 // sent to the chosen neuron, as Envoy would: a misroute is a neuron that
@@ -146,7 +148,7 @@ func TestSoak(t *testing.T) {
 		for _, m := range warm {
 			specs = append(specs, neuronsim.ModelSpec{ID: m, VRAMMB: soakSizes[m]})
 		}
-		sim, err := neuronsim.New(neuronsim.Options{Name: name, Devices: []int64{24000, 24000}, Models: specs,
+		sim, err := neuronsim.New(neuronsim.Options{Name: name, Devices: []int64{24000}, Models: specs,
 			Sizes: soakSizes, MaxInFlight: 32, MaxQueueDepth: 100000, LoadLatency: 100 * time.Millisecond,
 			Seed: uint64(i + 1)})
 		if err != nil {
@@ -191,6 +193,7 @@ func TestSoak(t *testing.T) {
 			st.mu.Lock()
 			st.faults[f.name]++
 			st.mu.Unlock()
+			if os.Getenv("NOFAULT") != "" { continue }
 			undo := f.apply(n)
 			undos.Add(1)
 			go func() {
@@ -207,7 +210,7 @@ func TestSoak(t *testing.T) {
 	upstream := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: workers, MaxIdleConns: 4 * workers}}
 	defer upstream.CloseIdleConnections()
 	models := []string{"Soak/A", "Soak/B", "Soak/C", "Soak/D", "Soak/E", "Soak/F", "Soak/G", "Soak/H",
-		"soak/small", "soak/a", "soak/g"}
+		"Soak/I", "Soak/J", "soak/small", "soak/a", "soak/g"}
 	hostile := []string{
 		`{"model":"soak/small","MODEL":"Soak/G"}`,
 		`{"model":"Soak/A","model":"Soak/B"}`,
@@ -273,6 +276,7 @@ func TestSoak(t *testing.T) {
 	if p := os.Getenv("CORTEX_SOAK_REPORT"); p != "" {
 		os.WriteFile(p, []byte(rep.String()), 0o644)
 	}
+	if os.Getenv("DUMP") != "" { for _, l := range strings.Split(h.logs.String(), "\n") { if strings.Contains(l, "evict") || strings.Contains(l, "cold load") { t.Log(l) } } ; t.Log(st.misroutes[:min(10,len(st.misroutes))]) }
 	if len(st.misroutes) > 0 {
 		t.Errorf("%d misroutes, e.g. %v", len(st.misroutes), st.misroutes[:min(5, len(st.misroutes))])
 	}
@@ -323,7 +327,7 @@ func soakOne(t *testing.T, h *fxService, upstream *http.Client, byName map[strin
 		case resp.StatusCode == 200 && out.Model != "":
 			inferred = fmt.Sprintf("MISROUTE: %s served %q for a request routed as %q", rep.Node, out.Model, rep.Model)
 		case resp.StatusCode == 404 && out.Error.Code == "model_not_found":
-			inferred = fmt.Sprintf("MISROUTE: %s does not hold %q", rep.Node, rep.Model)
+			inferred = fmt.Sprintf("MISROUTE: %s does not hold %q at %s", rep.Node, rep.Model, time.Now().Format("15:04:05.000"))
 		case resp.StatusCode == 200:
 			inferred = "neuron answered garbage (injected fault)"
 		default:
