@@ -3,9 +3,11 @@ package extproc
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -82,16 +84,20 @@ func BenchmarkBodyPath(b *testing.B) {
 				work := make([]byte, len(body))
 				b.SetBytes(int64(len(body)))
 				b.ReportAllocs()
+				var took []time.Duration
 				for b.Loop() {
 					copy(work, body) // Envoy's body arrives fresh each time; in-place rewrites must not leak across runs
 					st := &stream{srv: s}
 					st.requestHeaders(hm)
+					start := time.Now()
 					resp, err := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: work, EndOfStream: true})
+					took = append(took, time.Since(start))
 					if err != nil || resp.GetRequestBody() == nil {
 						b.Fatalf("%v %v", resp, err)
 					}
 					st.target.Release()
 				}
+				reportPercentiles(b, took)
 			})
 		}
 	}
@@ -101,11 +107,26 @@ func BenchmarkBodyPath(b *testing.B) {
 func BenchmarkDecide(b *testing.B) {
 	cat, snap := bigFleet()
 	b.ReportAllocs()
+	var took []time.Duration
 	for b.Loop() {
+		start := time.Now()
 		if _, err := routing.Decide(cat, snap, "fleet/small"); err != nil {
 			b.Fatal(err)
 		}
+		took = append(took, time.Since(start))
 	}
+	reportPercentiles(b, took)
+}
+
+// reportPercentiles adds p50 and p99 of the per-request times (body
+// received → reply ready) to the benchmark's output.
+func reportPercentiles(b *testing.B, took []time.Duration) {
+	if len(took) == 0 {
+		return
+	}
+	slices.Sort(took)
+	b.ReportMetric(float64(took[len(took)/2].Nanoseconds())/1e3, "p50-µs")
+	b.ReportMetric(float64(took[len(took)*99/100].Nanoseconds())/1e3, "p99-µs")
 }
 
 // TestConcretePathAllocationsDoNotGrowWithBody pins a design property: for
