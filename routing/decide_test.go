@@ -132,3 +132,26 @@ func TestDecideEndpointNotResolvable(t *testing.T) {
 		t.Fatalf("got %+v %v, want b", d, err)
 	}
 }
+
+func TestColdLoadSkipsANodeHoldingAnUnservableCopy(t *testing.T) {
+	cat := catalogue.New([]*catalogue.Profile{{ID: "M", Harness: "candle", VRAMMB: 1000}}, nil, "")
+	disc := &neuron.Discovery{Devices: []neuron.Device{{Index: 0, VRAMTotalMB: 24000}}}
+	sick := dnode("a", true, m("M", neuron.StatusLoaded, 0, 0, false))
+	sick.Discovery = disc
+	free := dnode("b", true)
+	free.Discovery = disc
+	snap := &fleet.Snapshot{Nodes: []*fleet.Node{sick, free}}
+	d, err := Decide(cat, snap, "M")
+	if err != nil || d.Step != StepColdLoad {
+		t.Fatalf("decision %+v %v, want a cold load", d, err)
+	}
+	plan, perr := Place(cat, snap, cat.Profile("M"), PlacementState{})
+	if perr != nil || plan.Node != "b" {
+		t.Fatalf("plan %+v %v, want node b", plan, perr)
+	}
+	// With only the unservable copy, wait (Retry-After 3) and say why.
+	_, perr = Place(cat, &fleet.Snapshot{Nodes: []*fleet.Node{sick}}, cat.Profile("M"), PlacementState{})
+	if perr == nil || perr.RetryAfter != 3 || !strings.Contains(perr.Message, "insufficient_vram") {
+		t.Fatalf("got %v, want 503 Retry-After 3 naming the neuron's reason", perr)
+	}
+}

@@ -294,6 +294,19 @@ func better(a, b *nodeFit) bool {
 	return a.node.Name < b.node.Name
 }
 
+// residentUnservable is the neuron's reason when n holds model resident but
+// says it cannot serve it now; "" otherwise.
+func residentUnservable(n *fleet.Node, model string) string {
+	m := n.Model(model)
+	if m == nil || !m.Status.Resident() || m.IsServable() {
+		return ""
+	}
+	if m.Servable.Reason != "" {
+		return m.Servable.Reason
+	}
+	return "servable: false"
+}
+
 // Place chooses the node for a cold load of p (routing.md "Placement for a
 // cold load") and what to evict there. It is pure: no I/O, no clock.
 //
@@ -334,6 +347,11 @@ func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, p *catalogue.Profile,
 				transient = true
 			}
 			notes = append(notes, n.Name+": "+why)
+		case residentUnservable(n, p.ID) != "":
+			// Loading it again there would answer "already loaded" and
+			// route to a copy that cannot serve: wait for it instead.
+			transient = true
+			notes = append(notes, n.Name+": holds it but reports it not servable ("+residentUnservable(n, p.ID)+")")
 		case st.failed(n.Name, p.ID):
 			cooldown = true
 			notes = append(notes, n.Name+": a cold load there failed recently (cool-down)")
