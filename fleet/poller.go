@@ -124,10 +124,13 @@ type nodeState struct {
 	// marks are MarkLoaded calls (model -> seq) not yet confirmed by a poll
 	// that started after them.
 	marks map[string]uint64
+	// gone are MarkUnloaded calls (model -> seq): hidden until a poll that
+	// started after the call shows the model not resident, or MarkLoaded.
+	gone map[string]uint64
 }
 
 type request struct {
-	kind  int // reqPoll | reqMark
+	kind  int // reqPoll | reqMark | reqUnmark
 	node  string
 	model string
 	reply chan error
@@ -136,6 +139,7 @@ type request struct {
 const (
 	reqPoll = iota
 	reqMark
+	reqUnmark
 )
 
 type roundState struct {
@@ -271,6 +275,16 @@ func (p *Poller) MarkLoaded(ctx context.Context, node, modelID string) error {
 	return p.call(ctx, request{kind: reqMark, node: node, model: modelID})
 }
 
+// MarkUnloaded hides modelID on node from the snapshot at once: an eviction
+// is about to unload it, and a request routed there meanwhile would reach a
+// neuron that no longer has it. It stays hidden until a poll that started
+// after the call shows it not resident (polls taken during the unload still
+// list it), or until MarkLoaded puts it back (the unload did not happen). It
+// returns once the snapshot without it is published.
+func (p *Poller) MarkUnloaded(ctx context.Context, node, modelID string) error {
+	return p.call(ctx, request{kind: reqUnmark, node: node, model: modelID})
+}
+
 // SetNeurons replaces the configured neurons (config reload). A removed
 // neuron disappears from the next snapshot; a new one is unhealthy until its
 // first successful poll; one whose endpoint changed starts over as new.
@@ -330,6 +344,8 @@ func (p *Poller) handle(r request) {
 		}
 	case reqMark:
 		p.mark(r)
+	case reqUnmark:
+		p.unmark(r)
 	}
 }
 
@@ -379,6 +395,7 @@ func (p *Poller) applyNeurons(neurons []Neuron, reload bool) {
 			endpointErr: map[string]string{},
 			unknown:     map[string]neuron.Status{},
 			marks:       map[string]uint64{},
+			gone:        map[string]uint64{},
 		}
 		if reload {
 			p.log.Info("neuron added to config; unhealthy until its first successful poll", "node", name, "endpoint", n.Endpoint)
@@ -636,6 +653,16 @@ func (p *Poller) apply(ns *nodeState, r pollResult) {
 		}
 		models = upsertLoaded(models, id)
 	}
+	for id, goneSeq := range ns.gone {
+		i, found := slices.BinarySearchFunc(models, id, func(m neuron.Model, id string) int { return cmp.Compare(m.ID, id) })
+		if goneSeq < r.seq && (!found || !models[i].Status.Resident()) {
+			delete(ns.gone, id) // the neuron confirms the unload
+			continue
+		}
+		if found {
+			models = slices.Delete(slices.Clone(models), i, i+1)
+		}
+	}
 	p.setModels(ns, models)
 
 	for id, a := range r.endpoints {
@@ -727,6 +754,7 @@ func (p *Poller) mark(r request) {
 	}
 	p.seq++
 	ns.marks[r.model] = p.seq
+	delete(ns.gone, r.model)
 	p.setModels(ns, upsertLoaded(ns.models, r.model))
 	p.publish()
 	if _, ok := ns.endpoints[r.model]; ok {
@@ -750,6 +778,20 @@ func (p *Poller) mark(r request) {
 		case <-ctx.Done():
 		}
 	}()
+}
+
+func (p *Poller) unmark(r request) {
+	ns := p.nodes[r.node]
+	if ns == nil {
+		r.reply <- fmt.Errorf("mark %q unloaded: no neuron named %q is configured", r.model, r.node)
+		return
+	}
+	p.seq++
+	ns.gone[r.model] = p.seq
+	delete(ns.marks, r.model)
+	p.setModels(ns, slices.DeleteFunc(slices.Clone(ns.models), func(m neuron.Model) bool { return m.ID == r.model }))
+	p.publish()
+	r.reply <- nil
 }
 
 func (p *Poller) finishResolve(res resolveResult) {

@@ -93,9 +93,13 @@ type ColdLoadDeps struct {
 	// MarkLoaded tells the fleet owner the model is resident on node now,
 	// so requests released from the wait find it without the next poll.
 	MarkLoaded func(ctx context.Context, node, model string) error
-	Usage      *Usage
-	Log        *slog.Logger
-	Observer   ColdLoadObserver // may be nil
+	// MarkUnloaded hides a model the loader is about to evict from the
+	// fleet view, so requests stop going there before the next poll; may
+	// be nil.
+	MarkUnloaded func(ctx context.Context, node, model string) error
+	Usage        *Usage
+	Log          *slog.Logger
+	Observer     ColdLoadObserver // may be nil
 }
 
 // FlightInfo describes a load in progress (for /debug/fleet).
@@ -571,10 +575,21 @@ func (l *ColdLoader) makeRoom(ctx context.Context, api neuron.API, p *catalogue.
 				gained = resident{id: m.ID, vram: residentVRAM(cat, &m.Model), devices: m.Devices}
 			}
 		}
+		// Hide the victim from routing, then check that no request took it
+		// meanwhile (Router.Route re-checks the other side): a request sent
+		// to it during or after the unload would reach a neuron without it.
+		if l.hide(nodeName, victim) && l.usage.InFlight(nodeName, victim) > 0 {
+			l.unhide(nodeName, victim)
+			skip[victim] = true
+			continue
+		}
 		uctx, span := tracing.StartEviction(ctx, nodeName, victim, p.ID)
 		err := api.Unload(uctx, victim)
 		tracing.End(span, err)
 		if err != nil {
+			if !errors.Is(err, neuron.ErrNotFound) { // 404: it is gone anyway
+				l.unhide(nodeName, victim)
+			}
 			return fmt.Errorf("could not unload %s to make room: %w", victim, err)
 		}
 		evicted = append(evicted, victim)
@@ -587,6 +602,33 @@ func (l *ColdLoader) makeRoom(ctx context.Context, api neuron.API, p *catalogue.
 		} else {
 			reclaim(free, gained, n)
 		}
+	}
+}
+
+// hide takes model on node out of the fleet view before an eviction; false
+// when it could not (no MarkUnloaded, or the fleet owner did not answer).
+func (l *ColdLoader) hide(node, model string) bool {
+	if l.deps.MarkUnloaded == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), markLoadedTimeout)
+	defer cancel()
+	if err := l.deps.MarkUnloaded(ctx, node, model); err != nil {
+		l.log.Warn("could not hide a model before evicting it; requests may reach it until the next poll", "model", model, "node", node, "error", err)
+		return false
+	}
+	return true
+}
+
+// unhide puts back a model whose eviction did not happen.
+func (l *ColdLoader) unhide(node, model string) {
+	if l.deps.MarkUnloaded == nil || l.deps.MarkLoaded == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), markLoadedTimeout)
+	defer cancel()
+	if err := l.deps.MarkLoaded(ctx, node, model); err != nil {
+		l.log.Warn("could not put back a model that was not evicted; it is routed again after the next poll", "model", model, "node", node, "error", err)
 	}
 }
 

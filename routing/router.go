@@ -67,7 +67,27 @@ type Pending struct {
 // returns a Waiter (nil otherwise); the caller first tells Envoy to wait
 // longer, then calls Wait.
 func (r *Router) Route(requested string) (Target, Waiter, *apierr.Error) {
-	d, err := Decide(r.catalogue(), r.fleet(), requested)
+	for attempt := 1; ; attempt++ {
+		snap := r.fleet()
+		t, w, err := r.route(snap, requested)
+		// An eviction hides its victim, then checks that nothing is in
+		// flight on it; we count as in flight now, so if the fleet view
+		// changed since we decided, make sure our replica is still listed.
+		if err != nil || w != nil || attempt == 3 || r.fleet() == snap || listed(r.fleet(), t.Node, t.Model) {
+			return t, w, err
+		}
+		t.Release()
+	}
+}
+
+// listed reports whether snap lists model on node.
+func listed(snap *fleet.Snapshot, node, model string) bool {
+	n := snap.Node(node)
+	return n != nil && n.Model(model) != nil
+}
+
+func (r *Router) route(snap *fleet.Snapshot, requested string) (Target, Waiter, *apierr.Error) {
+	d, err := Decide(r.catalogue(), snap, requested)
 	if err != nil {
 		return Target{Requested: requested, Model: d.Model}, nil, err
 	}
@@ -95,7 +115,8 @@ func (p *Pending) Wait(ctx context.Context) (Target, *apierr.Error) {
 		return Target{Requested: p.d.Requested, Model: p.d.Model, ColdStart: true}, err
 	}
 	d := p.d
-	n := p.r.fleet().Node(node)
+	snap := p.r.fleet()
+	n := snap.Node(node)
 	if n == nil {
 		return Target{Requested: d.Requested, Model: d.Model, ColdStart: true},
 			apierr.Unavailable(5, "model %q was loaded on %s, which has since left the fleet; retry", d.Model, node)
@@ -106,7 +127,13 @@ func (p *Pending) Wait(ctx context.Context) (Target, *apierr.Error) {
 			apierr.Unavailable(2, "model %q was loaded on %s but its inference endpoint could not be resolved; retry shortly", d.Model, node)
 	}
 	d.Node, d.Cluster, d.Endpoint = n.Name, n.Cluster, m.Endpoint
-	return p.r.target(d), nil
+	t := p.r.target(d)
+	if cur := p.r.fleet(); cur != snap && !listed(cur, d.Node, d.Model) { // see Route
+		t.Release()
+		return Target{Requested: d.Requested, Model: d.Model, ColdStart: true},
+			apierr.Unavailable(2, "model %q was evicted from %s right after loading; retry", d.Model, node)
+	}
+	return t, nil
 }
 
 func (r *Router) target(d Decision) Target {

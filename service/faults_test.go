@@ -66,9 +66,10 @@ type fxNeuron struct {
 	// closing ends every hanging handler, so the server can close.
 	closing chan struct{}
 
-	mu   sync.Mutex
-	hook func(w http.ResponseWriter, r *http.Request) bool // true: answered
-	uris []string
+	mu       sync.Mutex
+	hook     func(w http.ResponseWriter, r *http.Request) bool // true: answered
+	uris     []string
+	noRecord bool // the soak does not keep every request URI
 }
 
 func fxStartNeuron(t *testing.T, name string, models ...string) *fxNeuron {
@@ -77,8 +78,14 @@ func fxStartNeuron(t *testing.T, name string, models ...string) *fxNeuron {
 	for _, m := range models {
 		specs = append(specs, neuronsim.ModelSpec{ID: m, VRAMMB: 2000})
 	}
-	sim, err := neuronsim.New(neuronsim.Options{Name: name, Devices: []int64{24000}, Models: specs,
+	return fxStartSim(t, neuronsim.Options{Name: name, Devices: []int64{24000}, Models: specs,
 		Sizes: map[string]int64{"Org/Warm": 4000, "Org/Cold": 4000}, MaxInFlight: 64, MaxQueueDepth: 10000})
+}
+
+func fxStartSim(t *testing.T, opts neuronsim.Options) *fxNeuron {
+	t.Helper()
+	name := opts.Name
+	sim, err := neuronsim.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +101,9 @@ func fxStartNeuron(t *testing.T, name string, models ...string) *fxNeuron {
 
 func (n *fxNeuron) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	n.mu.Lock()
-	n.uris = append(n.uris, r.RequestURI)
+	if !n.noRecord {
+		n.uris = append(n.uris, r.RequestURI)
+	}
 	hook := n.hook
 	n.mu.Unlock()
 	if hook != nil && hook(w, r) {
@@ -126,7 +135,7 @@ func (n *fxNeuron) hang(_ http.ResponseWriter, r *http.Request) bool {
 }
 
 // poll reports whether r is one of the poller's calls.
-func poll(r *http.Request) bool {
+func fxIsPoll(r *http.Request) bool {
 	return r.Method == http.MethodGet && (r.URL.Path == "/models" || r.URL.Path == "/health" || r.URL.Path == "/discovery")
 }
 
@@ -213,8 +222,15 @@ func fxLeakCheck(t *testing.T) {
 // fxStart runs the service until the test ends and waits until it is ready.
 func fxStart(t *testing.T, cfg config.Config) *fxService {
 	t.Helper()
+	return fxStartLogging(t, cfg, slog.LevelInfo)
+}
+
+// fxStartLogging is fxStart keeping the service's log lines from level up
+// (shown when the test fails).
+func fxStartLogging(t *testing.T, cfg config.Config, level slog.Level) *fxService {
+	t.Helper()
 	logs := &lockedBuffer{}
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: level}))
 	svc, err := service.New(cfg, log)
 	if err != nil {
 		t.Fatal(err)
@@ -339,8 +355,9 @@ func (h *fxService) route(t testing.TB, model string) fxReply {
 
 // fxExchange plays Envoy for one request: headers, body, and on a route the
 // response headers, reading one reply per message; then it half-closes and
-// expects the server to end the stream with OK. beforeReply, when set, is
-// called once the body is sent and before its reply is read.
+// expects the server to end the stream with OK. overridden, when set, is
+// called when the standalone override_message_timeout arrives (the request
+// is held for a cold load).
 func fxExchange(ctx context.Context, ep extprocv3.ExternalProcessorClient, path string, body []byte, overridden func()) (fxReply, error) {
 	st, err := ep.Process(ctx)
 	if err != nil {
@@ -362,7 +379,7 @@ func fxExchange(ctx context.Context, ep extprocv3.ExternalProcessorClient, path 
 	}
 	var out fxReply
 	if ir := r.GetImmediateResponse(); ir != nil {
-		return immediate(ir)
+		return fxImmediate(ir)
 	}
 	if err := st.Send(fxBody(body)); err != nil {
 		return fxReply{}, err
@@ -381,7 +398,7 @@ func fxExchange(ctx context.Context, ep extprocv3.ExternalProcessorClient, path 
 		break
 	}
 	if ir := r.GetImmediateResponse(); ir != nil {
-		rep, err := immediate(ir)
+		rep, err := fxImmediate(ir)
 		rep.Overridden = out.Overridden
 		return rep, err
 	}
@@ -422,7 +439,7 @@ func fxExchange(ctx context.Context, ep extprocv3.ExternalProcessorClient, path 
 	return out, nil
 }
 
-func immediate(ir *extprocv3.ImmediateResponse) (fxReply, error) {
+func fxImmediate(ir *extprocv3.ImmediateResponse) (fxReply, error) {
 	out := fxReply{Status: int(ir.GetStatus().GetCode()), Body: ir.GetBody()}
 	ct := ""
 	for _, h := range ir.GetHeaders().GetSetHeaders() {
@@ -462,10 +479,10 @@ func (h *fxService) get(t testing.TB, path string) (int, string) {
 func (h *fxService) metric(t testing.TB, name string, labels ...string) float64 {
 	t.Helper()
 	_, text := h.get(t, "/metrics")
-	return metricIn(text, name, labels...)
+	return fxMetricIn(text, name, labels...)
 }
 
-func metricIn(text, name string, labels ...string) float64 {
+func fxMetricIn(text, name string, labels ...string) float64 {
 	sum := 0.0
 	for _, line := range strings.Split(text, "\n") {
 		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
@@ -526,7 +543,7 @@ func (h *fxService) pollRound(t testing.TB) uint64 {
 
 // eventually polls cond for up to 15 s: faults take a few poll rounds to
 // show, and the machine may be busy.
-func eventually(t testing.TB, what string, cond func() bool) {
+func fxEventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for !cond() {
@@ -537,14 +554,14 @@ func eventually(t testing.TB, what string, cond func() bool) {
 	}
 }
 
-func wantRouted(t testing.TB, r fxReply, node, model string) {
+func fxWantRouted(t testing.TB, r fxReply, node, model string) {
 	t.Helper()
 	if r.Status != 200 || r.Node != node || r.Model != model || r.Cluster != "neuron-"+node {
 		t.Fatalf("got %s, want routed to %s as %s", r, node, model)
 	}
 }
 
-func wantError(t testing.TB, r fxReply, status int, code, retryAfter, contains string) {
+func fxWantError(t testing.TB, r fxReply, status int, code, retryAfter, contains string) {
 	t.Helper()
 	if r.Status != status || r.Code != code || r.RetryAfter != retryAfter || !strings.Contains(r.Message, contains) {
 		t.Fatalf("got %s, want %d %s retry-after=%q containing %q", r, status, code, retryAfter, contains)
@@ -557,20 +574,20 @@ func TestFaultNeuronStopsAnsweringMidPollThenComesBack(t *testing.T) {
 	fxLeakCheck(t)
 	a := fxStartNeuron(t, "a", "Org/Warm")
 	h := fxStart(t, fxConfig(t, fxCatalogue, a))
-	wantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+	fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
 
-	a.setHook(func(w http.ResponseWriter, r *http.Request) bool { return poll(r) && a.hang(w, r) })
-	eventually(t, "a marked unhealthy", func() bool { return !h.nodeHealthy(t, "a") })
+	a.setHook(func(w http.ResponseWriter, r *http.Request) bool { return fxIsPoll(r) && a.hang(w, r) })
+	fxEventually(t, "a marked unhealthy", func() bool { return !h.nodeHealthy(t, "a") })
 	// Decisions never wait on the hung neuron: the client gets a prompt,
 	// retryable 503 while it is out.
-	wantError(t, h.route(t, "fx/warm"), 503, "service_unavailable", "5", "no healthy neuron")
+	fxWantError(t, h.route(t, "fx/warm"), 503, "service_unavailable", "5", "no healthy neuron")
 	if c, _ := h.get(t, "/healthz"); c != 200 {
 		t.Errorf("/healthz %d while a neuron hangs", c)
 	}
 
 	a.setHook(nil)
-	eventually(t, "a healthy again", func() bool { return h.nodeHealthy(t, "a") })
-	wantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+	fxEventually(t, "a healthy again", func() bool { return h.nodeHealthy(t, "a") })
+	fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
 	if h.metric(t, "cortex_extproc_neuron_poll_failures_total", "node", "a") < 2 {
 		t.Error("poll failures of a not counted")
 	}
@@ -592,7 +609,7 @@ func TestFaultNeuronFlapsEveryPoll(t *testing.T) {
 	// the neuron stays in the fleet and every request is served.
 	start := calls.Load()
 	for calls.Load() < start+10 {
-		wantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+		fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
 	}
 	if !h.nodeHealthy(t, "a") {
 		t.Error("a flapping below the failure threshold was marked unhealthy")
@@ -667,16 +684,16 @@ func TestFaultNeuronBadAnswers(t *testing.T) {
 			b := fxStartNeuron(t, "b", "Org/Warm")
 			h := fxStart(t, fxConfig(t, fxCatalogue, a, b))
 			fault := c.fault(a)
-			a.setHook(func(w http.ResponseWriter, r *http.Request) bool { return poll(r) && fault(w, r) })
-			eventually(t, "a marked unhealthy", func() bool { return !h.nodeHealthy(t, "a") })
+			a.setHook(func(w http.ResponseWriter, r *http.Request) bool { return fxIsPoll(r) && fault(w, r) })
+			fxEventually(t, "a marked unhealthy", func() bool { return !h.nodeHealthy(t, "a") })
 			for i := 0; i < 20; i++ {
-				wantRouted(t, h.route(t, "fx/warm"), "b", "Org/Warm")
+				fxWantRouted(t, h.route(t, "fx/warm"), "b", "Org/Warm")
 			}
 			if c, _ := h.get(t, "/readyz"); c != 200 {
 				t.Errorf("/readyz %d with one bad neuron", c)
 			}
 			a.setHook(nil)
-			eventually(t, "a healthy again", func() bool { return h.nodeHealthy(t, "a") })
+			fxEventually(t, "a healthy again", func() bool { return h.nodeHealthy(t, "a") })
 		})
 	}
 }
@@ -696,14 +713,14 @@ func TestFaultLoadHangsPastTheTimeout(t *testing.T) {
 	if !r.Overridden {
 		t.Error("no override_message_timeout before holding the request")
 	}
-	wantError(t, r, 503, "service_unavailable", "5", "Org/Cold")
+	fxWantError(t, r, 503, "service_unavailable", "5", "Org/Cold")
 	// The load is bounded by cold_load.timeout and given up; the service
 	// keeps routing what is loaded.
-	eventually(t, "the hung load to be abandoned", func() bool {
+	fxEventually(t, "the hung load to be abandoned", func() bool {
 		_, text := h.get(t, "/debug/fleet")
 		return strings.Contains(text, `"loads_in_progress": []`)
 	})
-	wantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+	fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
 	if h.metric(t, "cortex_extproc_cold_loads_total", "model", "Org/Cold", "result", "failure") != 1 {
 		t.Error("the timed-out load is not counted as a failure")
 	}
@@ -714,7 +731,7 @@ func TestFaultLoadFails(t *testing.T) {
 	a := fxStartNeuron(t, "a", "Org/Warm")
 	h := fxStart(t, fxConfig(t, fxCatalogue, a))
 	a.sim.SetLoadFailRate(1)
-	wantError(t, h.route(t, "fx/cold"), 503, "service_unavailable", "5", "cold load of \"Org/Cold\" failed")
+	fxWantError(t, h.route(t, "fx/cold"), 503, "service_unavailable", "5", "cold load of \"Org/Cold\" failed")
 	// The failed (node, model) cools down: the next request is answered at
 	// once with the reason, without hammering the neuron.
 	r := h.route(t, "fx/cold")
@@ -724,7 +741,7 @@ func TestFaultLoadFails(t *testing.T) {
 	if n := a.sim.LoadCalls(); n != 1 {
 		t.Errorf("%d load calls, want 1 (cool-down)", n)
 	}
-	wantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+	fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
 }
 
 // TestFaultLoadAnswersAlreadyLoaded: another gateway loaded the model in
@@ -744,7 +761,7 @@ func TestFaultLoadAnswersAlreadyLoaded(t *testing.T) {
 		return true
 	})
 	r := h.route(t, "fx/cold")
-	wantRouted(t, r, "a", "Org/Cold")
+	fxWantRouted(t, r, "a", "Org/Cold")
 	if !r.ColdStart {
 		t.Error("x-cortex-cold-start is not true after a cold load")
 	}
@@ -781,18 +798,51 @@ func TestFaultLoadedModelNeverAppearsInModels(t *testing.T) {
 	})
 	const requests = 8
 	for i := 0; i < requests; i++ {
-		wantRouted(t, h.route(t, "fx/cold"), "a", "Org/Cold")
+		fxWantRouted(t, h.route(t, "fx/cold"), "a", "Org/Cold")
 		// Two rounds later, a poll that started after the load has
 		// published what the neuron lists.
 		r0 := h.pollRound(t)
-		eventually(t, "two poll rounds", func() bool { return h.pollRound(t) >= r0+2 })
+		fxEventually(t, "two poll rounds", func() bool { return h.pollRound(t) >= r0+2 })
 	}
 	n := a.sim.LoadCalls()
 	if n < 2 || n > requests {
 		t.Errorf("%d load calls for %d requests spread over polls, want between 2 and %d", n, requests, requests)
 	}
-	if got := a.sim.InferenceRequests(); len(got) != 0 {
-		t.Errorf("unexpected inference on the neuron: %v", got)
+}
+
+// TestFaultEvictedModelIsNotRoutedBeforeTheNextPoll: a cold load that
+// evicts a model hides it from routing at once. Before, the fleet view kept
+// listing it until the next poll (10 s by default), and every request for
+// it in between went to a neuron that had just unloaded it (404).
+func TestFaultEvictedModelIsNotRoutedBeforeTheNextPoll(t *testing.T) {
+	fxLeakCheck(t)
+	// Room for one of the two 4000 MB models at a time.
+	a := fxStartSim(t, neuronsim.Options{Name: "a", Devices: []int64{6000},
+		Models: []neuronsim.ModelSpec{{ID: "Org/Warm", VRAMMB: 4000}},
+		Sizes:  map[string]int64{"Org/Warm": 4000, "Org/Cold": 4000}})
+	cfg := fxConfig(t, fxCatalogue, a)
+	cfg.Poll.Interval = time.Hour // only the first round: nothing but the eviction updates the view
+	h := fxStart(t, cfg)
+	holds := func(model string) bool {
+		for _, m := range a.sim.Models() {
+			if m.ID == model && m.Status.Resident() {
+				return true
+			}
+		}
+		return false
+	}
+
+	for i, model := range []string{"fx/cold", "fx/warm", "fx/cold", "fx/warm", "fx/warm"} {
+		r := h.route(t, model)
+		if r.Status != 200 || r.Node != "a" {
+			t.Fatalf("request %d for %s: %s, want routed to a", i, model, r)
+		}
+		if !holds(r.Model) {
+			t.Fatalf("request %d for %s routed to a (cold start %v), which does not hold %s: misrouted", i, model, r.ColdStart, r.Model)
+		}
+	}
+	if n := h.metric(t, "cortex_extproc_evictions_total", "node", "a"); n != 4 {
+		t.Errorf("%v evictions, want 4", n)
 	}
 }
 
@@ -819,11 +869,11 @@ func TestFaultEndpointUnresolvable(t *testing.T) {
 				return true
 			})
 			h := fxStart(t, fxConfig(t, fxCatalogue, a))
-			wantError(t, h.route(t, "fx/warm"), 503, "service_unavailable", "2", "endpoint could not be resolved")
+			fxWantError(t, h.route(t, "fx/warm"), 503, "service_unavailable", "2", "endpoint could not be resolved")
 			// It is retried every round: fixed, it routes.
 			a.setHook(nil)
-			eventually(t, "the endpoint resolved", func() bool { return h.route(t, "fx/warm").Status == 200 })
-			wantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+			fxEventually(t, "the endpoint resolved", func() bool { return h.route(t, "fx/warm").Status == 200 })
+			fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
 		})
 	}
 }
@@ -858,9 +908,9 @@ func TestFaultHangingEndpointLookupsDoNotStallTheFleet(t *testing.T) {
 		}
 		return n
 	}
-	eventually(t, "a's lookups to start hanging", func() bool { return hung.Load() > 0 })
+	fxEventually(t, "a's lookups to start hanging", func() bool { return hung.Load() > 0 })
 	start := bPolls()
-	eventually(t, "b to be polled 6 more times", func() bool { return bPolls() >= start+6 })
+	fxEventually(t, "b to be polled 6 more times", func() bool { return bPolls() >= start+6 })
 	// Ten hanging lookups in a row would hold every round for 10 × the
 	// poll timeout; b would be polled once per 10 of them.
 	if n := hung.Load(); n >= 30 {
@@ -884,7 +934,7 @@ func TestFaultCatalogueReloads(t *testing.T) {
 	}
 	stillServing := func(step string) {
 		t.Helper()
-		wantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+		fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
 		if c, _ := h.get(t, "/readyz"); c != 200 {
 			t.Errorf("%s: /readyz %d", step, c)
 		}
@@ -894,21 +944,21 @@ func TestFaultCatalogueReloads(t *testing.T) {
 	if err := os.WriteFile(path, []byte("[[models]]\nid = \"Org/Warm\"\nharness = \n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the invalid catalogue to be refused", func() bool { return errorsSoFar() > before })
+	fxEventually(t, "the invalid catalogue to be refused", func() bool { return errorsSoFar() > before })
 	stillServing("invalid")
 
 	before = errorsSoFar()
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the deleted catalogue to be noticed", func() bool { return errorsSoFar() > before })
+	fxEventually(t, "the deleted catalogue to be noticed", func() bool { return errorsSoFar() > before })
 	stillServing("deleted")
 
 	before = errorsSoFar()
 	if err := os.Mkdir(path, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the directory to be refused", func() bool { return errorsSoFar() > before })
+	fxEventually(t, "the directory to be refused", func() bool { return errorsSoFar() > before })
 	stillServing("directory")
 
 	if err := os.Remove(path); err != nil {
@@ -917,8 +967,8 @@ func TestFaultCatalogueReloads(t *testing.T) {
 	if err := os.WriteFile(path, []byte(fxCatalogue+"\"fx/new\" = \"Org/Warm\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the fixed catalogue to be taken", func() bool { return h.route(t, "fx/new").Status == 200 })
-	wantRouted(t, h.route(t, "fx/new"), "a", "Org/Warm")
+	fxEventually(t, "the fixed catalogue to be taken", func() bool { return h.route(t, "fx/new").Status == 200 })
+	fxWantRouted(t, h.route(t, "fx/new"), "a", "Org/Warm")
 	stillServing("fixed")
 }
 
@@ -949,16 +999,16 @@ func TestFaultClientHangsUpDuringColdLoad(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	eventually(t, "waiters and streams to be released", func() bool {
+	fxEventually(t, "waiters and streams to be released", func() bool {
 		return h.metric(t, "cortex_extproc_cold_load_waiters") == 0 && h.metric(t, "cortex_extproc_inflight_streams") == 0
 	})
 	release()
-	eventually(t, "the load to finish with nobody waiting", func() bool {
+	fxEventually(t, "the load to finish with nobody waiting", func() bool {
 		_, text := h.get(t, "/debug/fleet")
 		return strings.Contains(text, `"loads_in_progress": []`) && strings.Contains(text, `"id": "Org/Cold"`)
 	})
 	r := h.route(t, "fx/cold")
-	wantRouted(t, r, "a", "Org/Cold")
+	fxWantRouted(t, r, "a", "Org/Cold")
 	if r.Overridden {
 		t.Error("the model loaded for hung-up clients was loaded again")
 	}
@@ -1125,7 +1175,7 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 					replies <- r
 				}()
 			}
-			eventually(t, "500 requests held", func() bool { return waiting.Load() == held })
+			fxEventually(t, "500 requests held", func() bool { return waiting.Load() == held })
 
 			h.cancel() // SIGTERM
 			m, err := watch.Recv()
@@ -1148,7 +1198,7 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 				select {
 				case r := <-replies:
 					if loadFinishes {
-						wantRouted(t, r, "a", "Org/Cold")
+						fxWantRouted(t, r, "a", "Org/Cold")
 					} else if r.Status != 503 || r.RetryAfter == "" {
 						t.Fatalf("held request: %s, want 503 with Retry-After", r)
 					}
@@ -1241,7 +1291,7 @@ func TestHostileModelIDs(t *testing.T) {
 	if strings.Contains(text, "evil/") {
 		t.Error("a client-supplied model id reached a metric label")
 	}
-	if metricIn(text, "cortex_extproc_requests_total", "model", "other", "outcome", "model_not_found") < 21 {
+	if fxMetricIn(text, "cortex_extproc_requests_total", "model", "other", "outcome", "model_not_found") < 21 {
 		t.Error("unknown models are not counted under model=\"other\"")
 	}
 

@@ -127,9 +127,11 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		Fleet:      s.poller.Snapshot,
 		Neuron:     s.neuron,
 		MarkLoaded: s.poller.MarkLoaded,
-		Usage:      usage,
-		Log:        log,
-		Observer:   s.metrics,
+		// Evictions hide their victim at once: the next poll is too late.
+		MarkUnloaded: s.poller.MarkUnloaded,
+		Usage:        usage,
+		Log:          log,
+		Observer:     s.metrics,
 	})
 	s.router = routing.NewRouter(s.store.Load, s.poller.Snapshot, s.loader, usage)
 	s.models = modellist.New(s.store.Load, s.poller.Snapshot)

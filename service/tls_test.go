@@ -27,14 +27,14 @@ import (
 	"github.com/helexa/cortex-extproc/service"
 )
 
-// testCA is a certificate authority made for one test.
-type testCA struct {
+// tlsCA is a certificate authority made for one test.
+type tlsCA struct {
 	cert *x509.Certificate
 	key  *ecdsa.PrivateKey
 	pem  []byte
 }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTLSCA(t *testing.T, name string) *tlsCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -57,11 +57,11 @@ func newTestCA(t *testing.T, name string) *testCA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
+	return &tlsCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
 }
 
 // issue signs a leaf certificate for 127.0.0.1; client selects the usage.
-func (ca *testCA) issue(t *testing.T, name string, client bool) (certPEM, keyPEM []byte) {
+func (ca *tlsCA) issue(t *testing.T, name string, client bool) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -91,7 +91,7 @@ func (ca *testCA) issue(t *testing.T, name string, client bool) (certPEM, keyPEM
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
 }
 
-func writeFile(t *testing.T, dir, name string, data []byte) string {
+func tlsWriteFile(t *testing.T, dir, name string, data []byte) string {
 	t.Helper()
 	p := filepath.Join(dir, name)
 	if err := os.WriteFile(p, data, 0o600); err != nil {
@@ -102,22 +102,22 @@ func writeFile(t *testing.T, dir, name string, data []byte) string {
 
 // startTLS runs a service with no neurons on a TLS gRPC listener; withCA
 // also requires client certificates from ca.
-func startTLS(t *testing.T, ca *testCA, withCA bool) *fxService {
+func tlsStart(t *testing.T, ca *tlsCA, withCA bool) *fxService {
 	t.Helper()
 	dir := t.TempDir()
 	certPEM, keyPEM := ca.issue(t, "cortex-extproc", false)
 	cfg := fxConfig(t, "")
-	cfg.ExtProc.TLSCertFile = writeFile(t, dir, "server.pem", certPEM)
-	cfg.ExtProc.TLSKeyFile = writeFile(t, dir, "server.key", keyPEM)
+	cfg.ExtProc.TLSCertFile = tlsWriteFile(t, dir, "server.pem", certPEM)
+	cfg.ExtProc.TLSKeyFile = tlsWriteFile(t, dir, "server.key", keyPEM)
 	if withCA {
-		cfg.ExtProc.ClientCAFile = writeFile(t, dir, "ca.pem", ca.pem)
+		cfg.ExtProc.ClientCAFile = tlsWriteFile(t, dir, "ca.pem", ca.pem)
 	}
 	return fxStart(t, cfg)
 }
 
 // check asks gRPC health for service over creds and returns the status or
 // the error.
-func check(t *testing.T, addr string, creds credentials.TransportCredentials, svc string) (healthpb.HealthCheckResponse_ServingStatus, error) {
+func tlsCheck(t *testing.T, addr string, creds credentials.TransportCredentials, svc string) (healthpb.HealthCheckResponse_ServingStatus, error) {
 	t.Helper()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
@@ -133,7 +133,7 @@ func check(t *testing.T, addr string, creds credentials.TransportCredentials, sv
 	return r.Status, nil
 }
 
-func clientTLS(ca *testCA, certs ...tls.Certificate) credentials.TransportCredentials {
+func tlsClient(ca *tlsCA, certs ...tls.Certificate) credentials.TransportCredentials {
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.cert)
 	return credentials.NewTLS(&tls.Config{RootCAs: pool, Certificates: certs, MinVersion: tls.VersionTLS12})
@@ -141,41 +141,41 @@ func clientTLS(ca *testCA, certs ...tls.Certificate) credentials.TransportCreden
 
 func TestTLSListener(t *testing.T) {
 	fxLeakCheck(t)
-	ca := newTestCA(t, "test CA")
-	h := startTLS(t, ca, false)
+	ca := newTLSCA(t, "test CA")
+	h := tlsStart(t, ca, false)
 	addr := h.svc.GRPCAddr()
 
-	st, err := check(t, addr, clientTLS(ca), "")
+	st, err := tlsCheck(t, addr, tlsClient(ca), "")
 	if err != nil || st != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("TLS client: %v %v, want SERVING", st, err)
 	}
-	if st, err := check(t, addr, clientTLS(ca), service.HealthExtProc); err != nil || st != healthpb.HealthCheckResponse_SERVING {
+	if st, err := tlsCheck(t, addr, tlsClient(ca), service.HealthExtProc); err != nil || st != healthpb.HealthCheckResponse_SERVING {
 		t.Errorf("TLS client, %s: %v %v", service.HealthExtProc, st, err)
 	}
-	if _, err := check(t, addr, insecure.NewCredentials(), ""); err == nil {
+	if _, err := tlsCheck(t, addr, insecure.NewCredentials(), ""); err == nil {
 		t.Error("a plaintext client was served by the TLS listener")
 	}
-	if _, err := check(t, addr, clientTLS(newTestCA(t, "other CA")), ""); err == nil {
+	if _, err := tlsCheck(t, addr, tlsClient(newTLSCA(t, "other CA")), ""); err == nil {
 		t.Error("a client that does not trust the server's CA connected")
 	}
 }
 
 func TestMutualTLSListener(t *testing.T) {
 	fxLeakCheck(t)
-	ca := newTestCA(t, "test CA")
-	h := startTLS(t, ca, true)
+	ca := newTLSCA(t, "test CA")
+	h := tlsStart(t, ca, true)
 	addr := h.svc.GRPCAddr()
 
-	if _, err := check(t, addr, clientTLS(ca), ""); err == nil {
+	if _, err := tlsCheck(t, addr, tlsClient(ca), ""); err == nil {
 		t.Error("mTLS: a client without a certificate was served")
 	}
-	other := newTestCA(t, "other CA")
+	other := newTLSCA(t, "other CA")
 	oc, ok := other.issue(t, "intruder", true)
 	strange, err := tls.X509KeyPair(oc, ok)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := check(t, addr, clientTLS(ca, strange), ""); err == nil {
+	if _, err := tlsCheck(t, addr, tlsClient(ca, strange), ""); err == nil {
 		t.Error("mTLS: a client certificate from another CA was accepted")
 	}
 	gc, gk := ca.issue(t, "envoy", true)
@@ -183,16 +183,16 @@ func TestMutualTLSListener(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st, err := check(t, addr, clientTLS(ca, good), ""); err != nil || st != healthpb.HealthCheckResponse_SERVING {
+	if st, err := tlsCheck(t, addr, tlsClient(ca, good), ""); err != nil || st != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("mTLS with a certificate from the CA: %v %v, want SERVING", st, err)
 	}
 }
 
 func TestTLSMisconfigurationFailsAtStart(t *testing.T) {
 	dir := t.TempDir()
-	ca := newTestCA(t, "test CA")
+	ca := newTLSCA(t, "test CA")
 	certPEM, keyPEM := ca.issue(t, "cortex-extproc", false)
-	cert, key := writeFile(t, dir, "server.pem", certPEM), writeFile(t, dir, "server.key", keyPEM)
+	cert, key := tlsWriteFile(t, dir, "server.pem", certPEM), tlsWriteFile(t, dir, "server.key", keyPEM)
 	for _, c := range []struct {
 		name      string
 		set       func(*config.Config)
@@ -204,7 +204,7 @@ func TestTLSMisconfigurationFailsAtStart(t *testing.T) {
 		{"key is not a key", func(c *config.Config) { c.ExtProc.TLSCertFile, c.ExtProc.TLSKeyFile = cert, cert }, "tls_key_file"},
 		{"CA without PEM", func(c *config.Config) {
 			c.ExtProc.TLSCertFile, c.ExtProc.TLSKeyFile = cert, key
-			c.ExtProc.ClientCAFile = writeFile(t, dir, "empty.pem", []byte("not a certificate"))
+			c.ExtProc.ClientCAFile = tlsWriteFile(t, dir, "empty.pem", []byte("not a certificate"))
 		}, "client_ca_file"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
