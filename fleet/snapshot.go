@@ -3,6 +3,7 @@
 package fleet
 
 import (
+	"sync/atomic"
 	"time"
 
 	"github.com/helexa/cortex-extproc/neuron"
@@ -17,6 +18,37 @@ type Snapshot struct {
 	Round uint64
 	// Taken is when this snapshot was published.
 	Taken time.Time
+
+	// index maps a model id to where it is listed, built on first use: a
+	// decision then looks at the few nodes that list the model instead of
+	// every model of every node.
+	index atomic.Pointer[map[string][]Location]
+}
+
+// Location is one node's listing of a model.
+type Location struct {
+	Node  *Node
+	Model *Model
+}
+
+// Locations returns every node that lists model, in node-name order.
+// Callers must not modify the result.
+func (s *Snapshot) Locations(model string) []Location {
+	if s == nil {
+		return nil
+	}
+	idx := s.index.Load()
+	if idx == nil {
+		m := make(map[string][]Location)
+		for _, n := range s.Nodes {
+			for _, fm := range n.Models {
+				m[fm.ID] = append(m[fm.ID], Location{Node: n, Model: fm})
+			}
+		}
+		s.index.CompareAndSwap(nil, &m)
+		idx = s.index.Load()
+	}
+	return (*idx)[model]
 }
 
 // Node returns the node with that name, or nil.

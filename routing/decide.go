@@ -58,12 +58,9 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, requested string) (D
 	recovering := ""
 	var unloadedOn *fleet.Node
 	var unloadedModel *fleet.Model
-	for _, n := range snap.Nodes {
+	for _, loc := range snap.Locations(d.Model) {
+		n, m := loc.Node, loc.Model
 		if !n.Healthy {
-			continue
-		}
-		m := n.Model(d.Model)
-		if m == nil {
 			continue
 		}
 		switch {
