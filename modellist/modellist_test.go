@@ -243,11 +243,9 @@ func TestListFollowsSnapshotChanges(t *testing.T) {
 		t.Fatal("27B loaded before it is")
 	}
 	// The poller publishes a new snapshot: 27B is now resident on beast.
-	next := *snap
 	beast := *snap.Nodes[0]
 	beast.Models = append([]*fleet.Model{{Model: neuron.Model{ID: "Qwen/Qwen3.6-27B", Status: neuron.StatusLoaded}}}, beast.Models...)
-	next.Nodes = []*fleet.Node{&beast, snap.Nodes[1], snap.Nodes[2]}
-	snap = &next
+	snap = &fleet.Snapshot{Round: snap.Round + 1, Taken: snap.Taken, Nodes: []*fleet.Node{&beast, snap.Nodes[1], snap.Nodes[2]}}
 	b, ok := l.Get("Qwen/Qwen3.6-27B")
 	if !ok || !containsLoaded(t, b) {
 		t.Errorf("after the snapshot changed, Get = %s, want loaded", b)
