@@ -5,9 +5,7 @@
 package reqbody
 
 import (
-	"bytes"
 	"encoding/json"
-	"strings"
 	"unicode/utf8"
 
 	"github.com/tidwall/gjson"
@@ -33,7 +31,8 @@ func Find(body []byte) (Model, *apierr.Error) {
 	if len(body) == 0 {
 		return Model{}, apierr.InvalidRequest("request body is empty: send a JSON object with a \"model\" field")
 	}
-	if !Valid(body) {
+	valid, models := scan(body)
+	if !valid {
 		return Model{}, apierr.InvalidRequest("request body is not valid JSON: send a JSON object with a \"model\" field")
 	}
 	if firstNonSpace(body) != '{' {
@@ -46,7 +45,10 @@ func Find(body []byte) (Model, *apierr.Error) {
 	if r.Type != gjson.String {
 		return Model{}, apierr.InvalidRequest("\"model\" must be a string, got %s", typeName(r.Type))
 	}
-	if secondModelKey(body) {
+	// We route on the first "model"; a neuron whose parser takes the last
+	// (Python, Go) or ignores case (Go) would serve another model than the
+	// one routed, so a second one, in any case or escaped, is refused.
+	if models > 1 {
 		return Model{}, apierr.InvalidRequest("request body has more than one \"model\" field; send exactly one")
 	}
 	id := r.Str
@@ -99,38 +101,6 @@ func quote(id string) []byte {
 		panic(err)
 	}
 	return b
-}
-
-// secondModelKey reports a second top-level key equal to "model" ignoring
-// case (after unescaping). We route on the first; a neuron whose parser
-// takes the last (Python, Go) or ignores case (Go) would serve another
-// model than the one routed. Such a key is `"model"` in the raw bytes (a
-// quote inside a string is escaped) unless it is written with \u escapes,
-// so the key scan runs only when one of those is there twice, or a \u.
-func secondModelKey(body []byte) bool {
-	n := 0
-	for i := 0; n < 2; i++ {
-		j := bytes.IndexByte(body[i:], '"')
-		if j < 0 || len(body)-(i+j) < 7 {
-			break
-		}
-		i += j
-		if body[i+6] == '"' && bytes.EqualFold(body[i+1:i+6], []byte("model")) {
-			n++
-		}
-	}
-	if n < 2 && !bytes.Contains(body, []byte(`\u`)) {
-		return false
-	}
-	keys := 0
-	// @keys lists the raw top-level keys without copying the body.
-	gjson.GetBytes(body, "@keys").ForEach(func(_, k gjson.Result) bool {
-		if strings.EqualFold(k.Str, "model") {
-			keys++
-		}
-		return keys < 2
-	})
-	return keys > 1
 }
 
 func firstNonSpace(b []byte) byte {

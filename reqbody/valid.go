@@ -1,8 +1,11 @@
 package reqbody
 
 import (
+	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"math/bits"
+	"strings"
 )
 
 // Valid reports whether b is one complete JSON value (RFC 8259), the same
@@ -13,13 +16,20 @@ import (
 // gjson.Valid on such bodies (BenchmarkValid). Nesting is tracked with an
 // explicit stack, so deep input cannot exhaust the goroutine stack.
 func Valid(b []byte) bool {
+	ok, _ := scan(b)
+	return ok
+}
+
+// scan is Valid that also counts the top-level keys equal to "model" in
+// any letter case after unescaping (see Find), in the same single pass.
+func scan(b []byte) (ok bool, models int) {
 	var stackBuf [64]byte
 	stack := stackBuf[:0] // '{' or '[' per open container
 	i := skipSpace(b, 0)
 	for {
 		// A value is expected at i.
 		if i >= len(b) {
-			return false
+			return false, 0
 		}
 		switch c := b[i]; {
 		case c == '{':
@@ -30,8 +40,12 @@ func Valid(b []byte) bool {
 			}
 			stack = append(stack, '{')
 			var ok bool
-			if i, ok = key(b, i); !ok {
-				return false
+			var k []byte
+			if i, k, ok = key(b, i); !ok {
+				return false, 0
+			}
+			if len(stack) == 1 && isModelKey(k) {
+				models++
 			}
 			continue
 		case c == '[':
@@ -45,39 +59,39 @@ func Valid(b []byte) bool {
 		case c == '"':
 			var ok bool
 			if i, ok = scanString(b, i+1); !ok {
-				return false
+				return false, 0
 			}
 		case c == '-' || (c >= '0' && c <= '9'):
 			var ok bool
 			if i, ok = scanNumber(b, i); !ok {
-				return false
+				return false, 0
 			}
 		case c == 't':
 			if !hasLiteral(b, i, "true") {
-				return false
+				return false, 0
 			}
 			i += 4
 		case c == 'f':
 			if !hasLiteral(b, i, "false") {
-				return false
+				return false, 0
 			}
 			i += 5
 		case c == 'n':
 			if !hasLiteral(b, i, "null") {
-				return false
+				return false, 0
 			}
 			i += 4
 		default:
-			return false
+			return false, 0
 		}
 		// A value ended at i: close containers or move to the next element.
 		for {
 			i = skipSpace(b, i)
 			if len(stack) == 0 {
-				return i == len(b)
+				return i == len(b), models
 			}
 			if i >= len(b) {
-				return false
+				return false, 0
 			}
 			top := stack[len(stack)-1]
 			c := b[i]
@@ -85,8 +99,12 @@ func Valid(b []byte) bool {
 				i = skipSpace(b, i+1)
 				if top == '{' {
 					var ok bool
-					if i, ok = key(b, i); !ok {
-						return false
+					var k []byte
+					if i, k, ok = key(b, i); !ok {
+						return false, 0
+					}
+					if len(stack) == 1 && isModelKey(k) {
+						models++
 					}
 				}
 				break
@@ -96,25 +114,43 @@ func Valid(b []byte) bool {
 				i++
 				continue
 			}
-			return false
+			return false, 0
 		}
 	}
 }
 
-// key reads `"name" :` at i and returns the index after the colon.
-func key(b []byte, i int) (int, bool) {
+// key reads `"name" :` at i and returns the index after the colon and the
+// raw name (between the quotes, still escaped).
+func key(b []byte, i int) (int, []byte, bool) {
 	if i >= len(b) || b[i] != '"' {
-		return i, false
+		return i, nil, false
 	}
-	i, ok := scanString(b, i+1)
+	start := i + 1
+	i, ok := scanString(b, start)
 	if !ok {
-		return i, false
+		return i, nil, false
 	}
+	name := b[start : i-1]
 	i = skipSpace(b, i)
 	if i >= len(b) || b[i] != ':' {
-		return i, false
+		return i, nil, false
 	}
-	return skipSpace(b, i+1), true
+	return skipSpace(b, i+1), name, true
+}
+
+// isModelKey reports whether a raw (escaped) key is "model" in any letter
+// case. A key with escapes is decoded first; that is rare and may allocate.
+func isModelKey(raw []byte) bool {
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return len(raw) == 5 && bytes.EqualFold(raw, []byte("model"))
+	}
+	var k string
+	quoted := make([]byte, 0, len(raw)+2)
+	quoted = append(append(append(quoted, '"'), raw...), '"')
+	if json.Unmarshal(quoted, &k) != nil {
+		return false
+	}
+	return strings.EqualFold(k, "model")
 }
 
 func skipSpace(b []byte, i int) int {
