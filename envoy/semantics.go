@@ -54,8 +54,6 @@ const (
 	defaultStreamIdleTimeout = 5 * time.Minute
 	// defaultMaxRequests is Envoy's circuit-breaker max_requests when unset.
 	defaultMaxRequests = 1024
-	// receivingNamespace is where cortex-extproc writes its dynamic metadata.
-	receivingNamespace = "cortex"
 )
 
 // CheckBootstrap runs CheckBootstrapFor with DefaultExtProcSettings.
@@ -287,9 +285,6 @@ func (c *checker) checkExtProc(path string, ep *extprocv3.ExternalProcessor) {
 	}
 	if ep.GetDisableClearRouteCache() && ep.GetRouteCacheAction() != extprocv3.ExternalProcessor_DEFAULT {
 		c.addf(path+".disable_clear_route_cache", "set together with route_cache_action %s: Envoy rejects this combination", ep.GetRouteCacheAction())
-	}
-	if !slices.Contains(ep.GetMetadataOptions().GetReceivingNamespaces().GetUntyped(), receivingNamespace) {
-		c.addf(path+".metadata_options.receiving_namespaces.untyped", "lacks %q: Envoy silently drops cortex-extproc's dynamic metadata (model, node, cold_start for access logs)", receivingNamespace)
 	}
 }
 

@@ -55,7 +55,7 @@ func (c *partsCache) get(up Upstream, t *routing.Target, value string) *replyPar
 			setHeader(HeaderModel, t.Model),
 			setHeader(HeaderColdStart, cold),
 		},
-		metadata: dynamicMetadata(t, up.DynamicMetadataKey(), value),
+		metadata: dynamicMetadata(up.DynamicMetadataKey(), value),
 	}
 	p.response = p.set[1:]
 	if c.n.Add(1) > maxCachedParts {

@@ -7,13 +7,7 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/types/known/structpb"
-
-	"github.com/helexa/cortex-extproc/routing"
 )
-
-// MetadataNamespace is the dynamic metadata namespace cortex-extproc writes
-// (Envoy drops it unless listed in metadata_options.receiving_namespaces).
-const MetadataNamespace = "cortex"
 
 // LBNamespace is where the endpoint-picker protocol puts the destination.
 const LBNamespace = "envoy.lb"
@@ -31,21 +25,19 @@ func immediateResponse(code int, body []byte, details string) *extprocv3.Immedia
 	}
 }
 
-// dynamicMetadata is {"cortex": {model, node, cold_start}} for access logs,
-// plus {"envoy.lb": {key: value}} in endpoint-picker mode.
-func dynamicMetadata(t *routing.Target, lbKey, value string) *structpb.Struct {
-	fields := make(map[string]*structpb.Value, 2)
-	fields[MetadataNamespace] = structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{
-		"model":      structpb.NewStringValue(t.Model),
-		"node":       structpb.NewStringValue(t.Node),
-		"cold_start": structpb.NewBoolValue(t.ColdStart),
-	}})
-	if lbKey != "" {
-		fields[LBNamespace] = structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{
-			lbKey: structpb.NewStringValue(value),
-		}})
+// dynamicMetadata is {"envoy.lb": {key: value}} in endpoint-picker mode
+// (Gateway API Inference Extension), nil otherwise. The access log reads
+// model, node and cold start from the x-cortex-* request headers instead:
+// marshalling a Struct costs dozens of allocations per request.
+func dynamicMetadata(lbKey, value string) *structpb.Struct {
+	if lbKey == "" {
+		return nil
 	}
-	return &structpb.Struct{Fields: fields}
+	return &structpb.Struct{Fields: map[string]*structpb.Value{
+		LBNamespace: structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{
+			lbKey: structpb.NewStringValue(value),
+		}}),
+	}}
 }
 
 // unescapePath decodes a model id from a URL path segment ("Qwen%2FQwen3-8B").

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -212,9 +213,8 @@ func TestAliasIsRewrittenAndRoutedToLeastBusyReplica(t *testing.T) {
 			t.Errorf("%s = %q, want %q", k, got[k], v)
 		}
 	}
-	md := rs[1].GetDynamicMetadata().GetFields()["cortex"].GetStructValue().GetFields()
-	if md["model"].GetStringValue() != "Qwen/Qwen3-1.7B" || md["node"].GetStringValue() != "rig2" {
-		t.Errorf("dynamic metadata cortex = %v", md)
+	if md := rs[1].GetDynamicMetadata(); md != nil {
+		t.Errorf("dynamic metadata %v in cluster_header mode; access logs read the x-cortex-* headers", md)
 	}
 
 	rh := setHeaders(rs[2].GetResponseHeaders().GetResponse().GetHeaderMutation())
@@ -464,4 +464,33 @@ func kind(r *extprocv3.ProcessingResponse) string {
 		return "immediate_response"
 	}
 	return "none"
+}
+
+func TestOriginalDstSetsDestinationHeaderAndMetadata(t *testing.T) {
+	cat := catalogue.New(nil, map[string]string{"a/ip": "IP/Model", "a/host": "Host/Model"}, "h")
+	snap := &fleet.Snapshot{Round: 1, Nodes: []*fleet.Node{{Name: "n1", Cluster: "neuron-n1", Healthy: true, Models: []*fleet.Model{
+		{Model: neuron.Model{ID: "IP/Model", Status: neuron.StatusLoaded}, Endpoint: "http://10.1.2.3:8000"},
+		{Model: neuron.Model{ID: "Host/Model", Status: neuron.StatusLoaded}, Endpoint: "http://localhost:13131"},
+	}}}}
+	r := routing.NewRouter(func() *catalogue.Catalogue { return cat }, func() *fleet.Snapshot { return snap }, nil, nil)
+	h := start(t, r, extproc.Options{Upstream: extproc.NewOriginalDst(nil)})
+	for model, want := range map[string][]string{
+		"a/ip":   {"10.1.2.3:8000"},
+		"a/host": {"127.0.0.1:13131", "[::1]:13131"}, // hostnames are resolved: ORIGINAL_DST wants an IP
+	} {
+		body := []byte(`{"model":"` + model + `"}`)
+		rs := h.exchange(t, post("/v1/chat/completions", body), bodyMsg(body))
+		got := setHeaders(rs[1].GetRequestBody().GetResponse().GetHeaderMutation())
+		dest := got["x-gateway-destination-endpoint"]
+		if !slices.Contains(want, dest) {
+			t.Errorf("%s: destination %q, want one of %v", model, dest, want)
+		}
+		if _, ok := got["x-cortex-cluster"]; ok {
+			t.Errorf("%s: x-cortex-cluster set in original_dst mode", model)
+		}
+		lb := rs[1].GetDynamicMetadata().GetFields()["envoy.lb"].GetStructValue().GetFields()
+		if lb["x-gateway-destination-endpoint"].GetStringValue() != dest {
+			t.Errorf("%s: envoy.lb metadata %v, want it equal to the header %q", model, lb, dest)
+		}
+	}
 }
