@@ -268,6 +268,15 @@ type decisionView struct {
 	Action    string     `json:"action"`
 	Load      *loadView  `json:"load,omitempty"`
 	Error     *errorView `json:"error,omitempty"`
+	// Neurons is what the one poll found, so an error can be traced to
+	// the neuron that caused it.
+	Neurons []neuronView `json:"neurons"`
+}
+
+type neuronView struct {
+	Name    string `json:"name"`
+	Healthy bool   `json:"healthy"`
+	Error   string `json:"error,omitempty"`
 }
 
 type loadView struct {
@@ -325,7 +334,11 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 	}
 	snap := p.Snapshot()
 	d, aerr := routing.Decide(cat, snap, model)
-	v := decisionView{Requested: model, Model: d.Model, Node: d.Node, Cluster: d.Cluster, Endpoint: d.Endpoint, ColdStart: d.ColdStart}
+	v := decisionView{Requested: model, Model: d.Model, Node: d.Node, Cluster: d.Cluster, Endpoint: d.Endpoint, ColdStart: d.ColdStart,
+		Neurons: []neuronView{}}
+	for _, n := range snap.Nodes {
+		v.Neurons = append(v.Neurons, neuronView{Name: n.Name, Healthy: n.Healthy, Error: n.LastError})
+	}
 	switch {
 	case aerr != nil:
 		v.Action = "error"
@@ -374,6 +387,16 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 	}
 	fmt.Fprintln(out)
 	fmt.Fprintf(out, "decision:   %s\n", v.Action)
+	for _, n := range v.Neurons {
+		switch {
+		case n.Healthy:
+			fmt.Fprintf(out, "neuron:     %s healthy\n", n.Name)
+		case n.Error != "":
+			fmt.Fprintf(out, "neuron:     %s unhealthy: %s\n", n.Name, n.Error)
+		default:
+			fmt.Fprintf(out, "neuron:     %s unhealthy\n", n.Name)
+		}
+	}
 	if v.Error != nil {
 		fmt.Fprintf(out, "error:      %d %s: %s", v.Error.Status, v.Error.Code, v.Error.Message)
 		if v.Error.RetryAfter > 0 {

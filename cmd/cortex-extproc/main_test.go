@@ -424,6 +424,10 @@ func TestRouteUnreachableNeuron(t *testing.T) {
 	if !errors.Is(err, errProblems) || !strings.Contains(out, "error:      503 ") || !strings.Contains(out, "no healthy neuron") {
 		t.Errorf("err %v, output:\n%s", err, out)
 	}
+	// The operator sees which neuron failed and why, not just the 503.
+	if !strings.Contains(out, "neuron:     beast unhealthy: ") || !strings.Contains(out, "GET /models") {
+		t.Errorf("output does not name the failing neuron and its poll error:\n%s", out)
+	}
 }
 
 func TestRouteRequiresModel(t *testing.T) {
