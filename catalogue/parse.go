@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"math"
 	"os"
 	"regexp"
@@ -184,16 +183,10 @@ func LoadFile(path string) (*Catalogue, error) {
 // errors that say what to do.
 func readFile(path string) ([]byte, error) {
 	data, err := os.ReadFile(path)
-	if err == nil {
-		return data, nil
+	if err != nil {
+		return nil, readError(path, err)
 	}
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("catalogue file %s does not exist (%w); create it or point models_config at it", path, err)
-	}
-	if st, serr := os.Stat(path); serr == nil && st.IsDir() {
-		return nil, fmt.Errorf("catalogue %s is a directory, not a file; point models_config at the models.toml inside it (%w)", path, err)
-	}
-	return nil, fmt.Errorf("read catalogue %s: %w", path, err)
+	return data, nil
 }
 
 // validate returns the errors and the warnings for a decoded file, in file
