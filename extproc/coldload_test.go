@@ -238,22 +238,26 @@ func TestColdLoadFailureFallsBackToNextNode(t *testing.T) {
 	f.failOn["alpha"] = &neuron.StatusError{Node: "alpha", Op: "POST /models/load", Status: 422, Reason: "quant not found"}
 	close(f.release)
 	h, _ := f.start(t, 30*time.Minute)
-	body := []byte(`{"model":"Cold/Model"}`)
-	rs := h.exchange(t, post("/v1/chat/completions", body), bodyMsg(body))
-	// exchange reads one reply per message: the override, then read on.
-	if rs[1].GetOverrideMessageTimeout() == nil {
-		t.Fatalf("reply %v, want the override first", rs[1])
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s := coldStream(t, ctx, h, "Cold/Model")
-	s.Recv() // override (or immediate routing if the model is loaded by now)
-	calls := f.loadCalls()
-	if calls["alpha"] != 1 || calls["beta"] != 1 {
+	if r, err := s.Recv(); err != nil || r.GetOverrideMessageTimeout() == nil {
+		t.Fatalf("first reply %v %v, want the override", r, err)
+	}
+	r, err := s.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := setHeaders(r.GetRequestBody().GetResponse().GetHeaderMutation())
+	if got["x-cortex-node"] != "beta" || got["x-cortex-cold-start"] != "true" {
+		t.Fatalf("routed %v, want beta after alpha's load failed", got)
+	}
+	s.CloseSend()
+	// alpha sorts first and has as much room, so it was tried first.
+	if calls := f.loadCalls(); calls["alpha"] != 1 || calls["beta"] != 1 {
 		t.Errorf("load calls %v, want alpha then beta once each", calls)
 	}
-	snap := f.snap.Load()
-	if snap.Node("beta").Model("Cold/Model") == nil {
+	if f.snap.Load().Node("beta").Model("Cold/Model") == nil {
 		t.Error("model not marked loaded on beta")
 	}
 }
