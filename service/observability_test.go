@@ -549,7 +549,20 @@ func TestOperatorView(t *testing.T) {
 }
 
 func checkFleet(t *testing.T, o *obService) {
+	// A model just cold-loaded is marked loaded at once with no live queue;
+	// the next poll (every 50 ms here) brings the neuron's in_flight and
+	// queue_depth. Wait for that poll rather than race it.
 	f := o.fleet(t)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); f = o.fleet(t) {
+		polled := len(f.Nodes) > 0
+		for i := 0; polled && i < len(f.Nodes[0].Models); i++ {
+			polled = f.Nodes[0].Models[i].InFlight == 2
+		}
+		if polled {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	data, _ := os.ReadFile(o.file)
 	sum := sha256.Sum256(data)
 	if f.Catalogue.Generation != 1 || f.Catalogue.Hash != hex.EncodeToString(sum[:]) || f.Catalogue.Models != 2 || f.Catalogue.Aliases != 3 {
