@@ -67,12 +67,20 @@ const maxMsg = 36 << 20
 // serve starts srv on an ephemeral loopback port with the production
 // server's message limits.
 func serve(name string, register func(*grpc.Server)) (*Server, error) {
+	return serveWith(name, func(opts ...grpc.ServerOption) *grpc.Server {
+		g := grpc.NewServer(opts...)
+		register(g)
+		return g
+	})
+}
+
+// serveWith is serve for a server built by newServer from the options.
+func serveWith(name string, newServer func(...grpc.ServerOption) *grpc.Server) (*Server, error) {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("start %s server on 127.0.0.1: %w", name, err)
 	}
-	g := grpc.NewServer(grpc.MaxRecvMsgSize(maxMsg), grpc.MaxSendMsgSize(maxMsg))
-	register(g)
+	g := newServer(grpc.MaxRecvMsgSize(maxMsg), grpc.MaxSendMsgSize(maxMsg))
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -281,7 +289,7 @@ func StartSelf(f SelfFleet) (*Server, error) {
 		// Warnings only: a routed request logs nothing in production either.
 		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
-	return serve(NameSelf, func(g *grpc.Server) {
-		extprocv3.RegisterExternalProcessorServer(g, ep)
+	return serveWith(NameSelf, func(opts ...grpc.ServerOption) *grpc.Server {
+		return extproc.NewGRPCServer(ep, opts...)
 	})
 }

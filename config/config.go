@@ -523,6 +523,8 @@ func (c *Config) Validate() []Problem {
 	}
 	if c.Upstream.Mode == ModeClusterHeader && c.Upstream.ClusterHeader == "" {
 		add("upstream.cluster_header", "must name the header Envoy's route reads (x-cortex-cluster)")
+	} else if c.Upstream.Mode == ModeClusterHeader && !isHeaderName(c.Upstream.ClusterHeader) {
+		add("upstream.cluster_header", "%q is not a lowercase HTTP header name (letters a-z, digits, '-', '_', '.'); Envoy's route must match it exactly, e.g. x-cortex-cluster", c.Upstream.ClusterHeader)
 	}
 	if c.Catalogue.PollInterval <= 0 {
 		add("catalogue.poll_interval", "must be a positive duration such as 30s: it catches the catalogue (and [[neurons]]) edits file notifications miss")
@@ -658,4 +660,20 @@ func ChangedKeys(a, b Config) []string {
 	walk(reflect.ValueOf(a), reflect.ValueOf(b), "")
 	sort.Strings(out)
 	return out
+}
+
+// isHeaderName reports whether s is a lowercase HTTP header name Envoy
+// matches and mutates as is (no pseudo-headers, no upper case).
+func isHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range s {
+		switch {
+		case c >= 'a' && c <= 'z', c >= '0' && c <= '9', c == '-', c == '_', c == '.':
+		default:
+			return false
+		}
+	}
+	return true
 }

@@ -480,6 +480,8 @@ func TestValidateProblems(t *testing.T) {
 		{"failure_cooldown", func(c *Config) { c.ColdLoad.FailureCooldown = -time.Minute }, "cold_load.failure_cooldown", "is negative"},
 		{"upstream mode", func(c *Config) { c.Upstream.Mode = "header" }, "upstream.mode", `"header" is not one of cluster_header, original_dst`},
 		{"cluster_header empty", func(c *Config) { c.Upstream.ClusterHeader = "" }, "upstream.cluster_header", "must name the header"},
+		{"cluster_header upper case", func(c *Config) { c.Upstream.ClusterHeader = "X-Cortex-Cluster" }, "upstream.cluster_header", "is not a lowercase HTTP header name"},
+		{"cluster_header pseudo-header", func(c *Config) { c.Upstream.ClusterHeader = ":authority" }, "upstream.cluster_header", "is not a lowercase HTTP header name"},
 		{"catalogue poll", func(c *Config) { c.Catalogue.PollInterval = 0 }, "catalogue.poll_interval", "must be a positive duration"},
 		{"log level", func(c *Config) { c.Log.Level = "verbose" }, "log.level", `"verbose" is not one of debug, info, warn, error`},
 		{"log format", func(c *Config) { c.Log.Format = "logfmt" }, "log.format", `"logfmt" is not one of auto, json, text`},

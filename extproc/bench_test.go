@@ -3,6 +3,7 @@ package extproc
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -92,7 +93,7 @@ func BenchmarkBodyPath(b *testing.B) {
 					start := time.Now()
 					resp, err := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: work, EndOfStream: true})
 					took = append(took, time.Since(start))
-					if err != nil || resp.GetRequestBody() == nil {
+					if _, ok := resp.(*encoded); err != nil || !ok {
 						b.Fatalf("%v %v", resp, err)
 					}
 					st.target.Release()
@@ -129,27 +130,46 @@ func reportPercentiles(b *testing.B, took []time.Duration) {
 	b.ReportMetric(float64(took[len(took)*99/100].Nanoseconds())/1e3, "p99-µs")
 }
 
-// TestConcretePathAllocationsDoNotGrowWithBody pins a design property: for
-// a concrete model the body is never copied or sent back, so the work per
-// request is the same at 2 KB and 1 MB.
-func TestConcretePathAllocationsDoNotGrowWithBody(t *testing.T) {
+// TestBodyPathCostDoesNotGrowWithBody pins a design property: the body is
+// never copied, for a concrete model (not sent back) nor for an alias (sent
+// back as slices of the request body around the new model value), so the
+// work per request is the same at 2 KB and 1 MB.
+func TestBodyPathCostDoesNotGrowWithBody(t *testing.T) {
 	s := benchServer()
-	allocs := func(size int) float64 {
-		body := chatBody("org/model-8", size)
-		hm := headersMsg(len(body))
-		return testing.AllocsPerRun(50, func() {
-			st := &stream{srv: s}
-			st.requestHeaders(hm)
-			resp, _ := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: body, EndOfStream: true})
-			if resp.GetRequestBody().GetResponse().GetBodyMutation() != nil {
-				t.Fatal("concrete model got a body mutation")
+	for _, c := range []struct{ kind, model string }{{"concrete", "org/model-8"}, {"alias", "fleet/s"}} {
+		cost := func(size int) (allocs float64, bytes uint64) {
+			body := chatBody(c.model, size)
+			hm := headersMsg(len(body))
+			run := func() {
+				st := &stream{srv: s}
+				st.requestHeaders(hm)
+				resp, _ := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: body, EndOfStream: true})
+				e, ok := resp.(*encoded)
+				if !ok {
+					t.Fatalf("%s: reply %v is not a routing reply", c.kind, resp)
+				}
+				if sent := e.pieces.Len(); (c.kind == "concrete") != (sent < 1024) {
+					t.Fatalf("%s model at %d bytes: reply is %d bytes; the body must be sent back only for an alias", c.kind, size, sent)
+				}
+				st.target.Release()
 			}
-			st.target.Release()
-		})
+			allocs = testing.AllocsPerRun(50, run)
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			for range 20 {
+				run()
+			}
+			runtime.ReadMemStats(&after)
+			return allocs, (after.TotalAlloc - before.TotalAlloc) / 20
+		}
+		smallAllocs, smallBytes := cost(2 << 10)
+		largeAllocs, largeBytes := cost(1 << 20)
+		if smallAllocs != largeAllocs {
+			t.Errorf("%s: allocations per request: %v at 2 KB, %v at 1 MB; they must not depend on body size", c.kind, smallAllocs, largeAllocs)
+		}
+		if largeBytes > 16<<10 {
+			t.Errorf("%s: %d bytes allocated per 1 MB request (%d at 2 KB): the body is being copied", c.kind, largeBytes, smallBytes)
+		}
+		t.Logf("%s: %v allocations, %d B (2 KB) / %d B (1 MB) per request", c.kind, smallAllocs, smallBytes, largeBytes)
 	}
-	small, large := allocs(2<<10), allocs(1<<20)
-	if small != large {
-		t.Errorf("allocations per request: %v at 2 KB, %v at 1 MB; they must not depend on body size", small, large)
-	}
-	t.Logf("allocations per concrete-model request: %v", small)
 }

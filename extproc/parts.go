@@ -7,20 +7,18 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
-	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/helexa/cortex-extproc/routing"
 )
 
-// replyParts are the pieces of a routing reply that depend only on the
-// target, built once and shared by every request to it. Protobuf messages
-// are safe to marshal concurrently as long as nobody mutates them, so these
-// are never modified after they are cached: a reply that needs one more
-// header copies the slice.
+// replyParts are the replies that depend only on the target, encoded once
+// and shared by every request to it (see codec.go): the body reply that
+// routes an unchanged body, the template of one that routes a rewritten
+// body, and the response-headers reply.
 type replyParts struct {
-	set      []*corev3.HeaderValueOption // upstream header, node, model, cold start
-	response []*corev3.HeaderValueOption // node, model, cold start (response direction)
-	metadata *structpb.Struct
+	routed    *encoded
+	rewrite   rewriteTemplate
+	responded *encoded
 }
 
 type partsKey struct {
@@ -47,17 +45,7 @@ func (c *partsCache) get(up Upstream, t *routing.Target, value string) *replyPar
 	if p, ok := m.Load(k); ok {
 		return p.(*replyParts)
 	}
-	cold := strconv.FormatBool(t.ColdStart)
-	p := &replyParts{
-		set: []*corev3.HeaderValueOption{
-			setHeader(up.Header(), value),
-			setHeader(HeaderNode, t.Node),
-			setHeader(HeaderModel, t.Model),
-			setHeader(HeaderColdStart, cold),
-		},
-		metadata: dynamicMetadata(up.DynamicMetadataKey(), value),
-	}
-	p.response = p.set[1:]
+	p := newReplyParts(up, t, value)
 	if c.n.Add(1) > maxCachedParts {
 		c.m.Store(&sync.Map{})
 		c.n.Store(0)
@@ -66,6 +54,35 @@ func (c *partsCache) get(up Upstream, t *routing.Target, value string) *replyPar
 		return prev.(*replyParts)
 	}
 	return p
+}
+
+// newReplyParts encodes the replies for target t: the routing headers (the
+// upstream header, node, model, cold start) and a route cache clear in the
+// same CommonResponse (Envoy ignores the clear without a header mutation);
+// node, model and cold start again on the response to the client.
+func newReplyParts(up Upstream, t *routing.Target, value string) *replyParts {
+	set := []*corev3.HeaderValueOption{
+		setHeader(up.Header(), value),
+		setHeader(HeaderNode, t.Node),
+		setHeader(HeaderModel, t.Model),
+		setHeader(HeaderColdStart, strconv.FormatBool(t.ColdStart)),
+	}
+	md := dynamicMetadata(up.DynamicMetadataKey(), value)
+	routed := &extprocv3.ProcessingResponse{
+		Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{
+			HeaderMutation:  &extprocv3.HeaderMutation{SetHeaders: set},
+			ClearRouteCache: true,
+		}}},
+		DynamicMetadata: md,
+	}
+	responded := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
+			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: set[1:]}}}}}
+	return &replyParts{
+		routed:    encode(routed),
+		rewrite:   newRewriteTemplate(set, true, &extprocv3.ProcessingResponse{DynamicMetadata: md}),
+		responded: encode(responded),
+	}
 }
 
 // Replies that never vary are built once.

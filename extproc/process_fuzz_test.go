@@ -57,8 +57,7 @@ func (w fuzzWaiter) Wait(ctx context.Context) (routing.Target, *apierr.Error) {
 // startBufconn serves an extproc.Server over an in-memory listener.
 func startBufconn(tb testing.TB, r extproc.Router, opt extproc.Options) extprocv3.ExternalProcessorClient {
 	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer()
-	extprocv3.RegisterExternalProcessorServer(srv, extproc.New(r, opt))
+	srv := extproc.NewGRPCServer(extproc.New(r, opt))
 	go srv.Serve(lis)
 	conn, err := grpc.NewClient("passthrough:///bufconn",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),

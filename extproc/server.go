@@ -117,7 +117,7 @@ type Server struct {
 	parts  partsCache
 	// headersReply is the same for every request with a body: continue,
 	// and strip client-sent routing headers.
-	headersReply *extprocv3.ProcessingResponse
+	headersReply *encoded
 }
 
 // New builds a Server.
@@ -142,10 +142,10 @@ func New(r Router, opt Options) *Server {
 		remove = append(remove, h)
 	}
 	s := &Server{router: r, opt: opt, log: opt.Log, remove: remove}
-	s.headersReply = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
+	s.headersReply = encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
 		RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
 			HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: remove},
-		}}}}
+		}}}})
 	return s
 }
 
@@ -178,7 +178,9 @@ type stream struct {
 // Process handles one HTTP request's messages, strictly one reply per
 // message and in order. Returning nil before answering would make Envoy
 // forward the request unprocessed, so every path either replies or ends the
-// stream with an error status.
+// stream with an error status. Replies are a *extprocv3.ProcessingResponse
+// or, on the hot path, an *encoded one: the stream must be served by
+// NewGRPCServer's codec.
 func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 	if s.opt.Observer != nil {
 		s.opt.Observer.StreamStarted()
@@ -207,7 +209,7 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 		if resp == nil { // the client went away while we waited
 			return nil
 		}
-		if err := g.Send(resp); err != nil {
+		if err := g.SendMsg(resp); err != nil {
 			return err
 		}
 	}
@@ -225,7 +227,7 @@ func (st *stream) checkMode(pc *extprocv3.ProtocolConfiguration) {
 	}
 }
 
-func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
+func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) (any, error) {
 	switch r := req.GetRequest().(type) {
 	case *extprocv3.ProcessingRequest_RequestHeaders:
 		return st.requestHeaders(r.RequestHeaders), nil
@@ -244,7 +246,7 @@ func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) 
 	}
 }
 
-func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
 	st.sawHeader = true
 	for _, kv := range h.GetHeaders().GetHeaders() {
 		switch kv.GetKey() {
@@ -294,7 +296,7 @@ func (st *stream) bodiless() *extprocv3.ProcessingResponse {
 	return st.immediate(apierr.NotFound("cortex-extproc routes POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/images/generations and /v1/messages with a JSON body, and answers GET /v1/models; %s %s is none of these", st.method, st.path))
 }
 
-func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {
+func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (any, error) {
 	if st.bodyDone {
 		// BUFFERED sends exactly one body message; in other modes (or from a
 		// confused peer) every further chunk still needs its reply.
@@ -375,29 +377,17 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 	return t, err, true
 }
 
-// route builds the body reply that sends the request to t: routing headers,
-// the rewritten body with its content-length, and a route cache clear in the
-// same CommonResponse (Envoy ignores the clear without a header mutation).
-func (st *stream) route(body []byte, m reqbody.Model, t *routing.Target, value string) *extprocv3.ProcessingResponse {
+// route returns the body reply that sends the request to t: the routing
+// headers, and for an alias the body with the model rewritten and its
+// content-length (Envoy keeps the client's content-length in BUFFERED mode
+// and rejects a body whose length differs from it). The body is sent back
+// only when it changed; it is never copied (codec.go).
+func (st *stream) route(body []byte, m reqbody.Model, t *routing.Target, value string) *encoded {
 	st.parts = st.srv.parts.get(st.srv.opt.Upstream, t, value)
-	common := &extprocv3.CommonResponse{
-		HeaderMutation:  &extprocv3.HeaderMutation{SetHeaders: st.parts.set},
-		ClearRouteCache: true,
+	if t.Model == m.ID {
+		return st.parts.routed
 	}
-	if t.Model != m.ID {
-		nb := reqbody.Rewrite(body, m, t.Model)
-		// Envoy keeps the client's content-length in BUFFERED mode and
-		// rejects a body whose length differs from it.
-		set := make([]*corev3.HeaderValueOption, len(st.parts.set), len(st.parts.set)+1)
-		copy(set, st.parts.set)
-		common.HeaderMutation.SetHeaders = append(set, setHeader("content-length", strconv.Itoa(len(nb))))
-		common.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: nb}}
-	}
-	return &extprocv3.ProcessingResponse{
-		Response: &extprocv3.ProcessingResponse_RequestBody{
-			RequestBody: &extprocv3.BodyResponse{Response: common}},
-		DynamicMetadata: st.parts.metadata,
-	}
+	return st.parts.rewrite.rewrite(reqbody.Splice(body, m, t.Model))
 }
 
 // decided reports the decision and renders an error, if any.
@@ -419,16 +409,14 @@ func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time)
 	return st.immediate(err)
 }
 
-func (st *stream) responseHeaders() *extprocv3.ProcessingResponse {
+func (st *stream) responseHeaders() any {
 	// The upstream has answered: the request no longer blocks an eviction
 	// through us (the neuron's own in_flight covers the rest of a stream).
 	st.target.Release()
 	if st.parts == nil {
 		return plainResponseHeaders
 	}
-	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
-		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
-			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: st.parts.response}}}}}
+	return st.parts.responded
 }
 
 // immediate renders a client-visible error as Envoy's local reply, in

@@ -75,8 +75,7 @@ func start(t *testing.T, r extproc.Router, opt extproc.Options) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer()
-	extprocv3.RegisterExternalProcessorServer(srv, extproc.New(r, opt))
+	srv := extproc.NewGRPCServer(extproc.New(r, opt))
 	go srv.Serve(lis)
 	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

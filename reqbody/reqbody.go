@@ -1,14 +1,36 @@
 // Package reqbody reads and rewrites the "model" of an OpenAI- or
-// Anthropic-shaped JSON request body without decoding the rest: gjson finds
-// the value, and the rewrite splices the new value into the original bytes,
-// so every byte outside the model string is kept exactly.
+// Anthropic-shaped JSON request body without decoding the rest, in one
+// pass over the body, and splices a new model value into the original
+// bytes, so every byte outside the model string is kept exactly.
+//
+// # What is checked, and what is left to the neuron
+//
+// The body can be megabytes of chat history, and it is read on every
+// request, so the pass is built for speed (BenchmarkScan):
+//
+//   - The JSON structure is checked strictly: objects, arrays, commas,
+//     colons, numbers, literals, nothing after the value.
+//   - Every key, and the top-level "model" value, is checked strictly as a
+//     JSON string (escapes, no control characters): keys are compared with
+//     "model" and the model value is decoded and routed on.
+//   - Every other string is only skipped to its closing quote: an escaped
+//     quote (one after an odd run of backslashes) does not end it. Its
+//     content is not checked: raw control characters, unknown escape
+//     letters and bad \u digits pass.
+//
+// Leaving string content unchecked cannot change the routing: where a
+// string ends is decided the same way by every JSON parser, so on every
+// body a JSON parser accepts, Find sees the same keys and the same model
+// as the neuron. A body that is invalid only inside such a string is
+// routed, and the neuron's own (conforming) JSON parser refuses it with its
+// 400; so does nesting deeper than that parser allows. FuzzValid pins this
+// against encoding/json.
 package reqbody
 
 import (
+	"bytes"
 	"encoding/json"
 	"unicode/utf8"
-
-	"github.com/tidwall/gjson"
 
 	"github.com/helexa/cortex-extproc/apierr"
 )
@@ -27,35 +49,56 @@ type Model struct {
 // Find returns the body's top-level "model". The body must be a JSON object
 // whose model is a non-empty string of at most MaxModelLen printable
 // characters; anything else is a 400 saying what was wrong.
+//
+// Find reads the body once. It checks the JSON structure, every key and
+// the model value strictly, but not the content of the other strings (see
+// the package doc): a body whose only fault is, say, a raw tab inside a
+// message is accepted here and refused by the neuron's JSON parser.
 func Find(body []byte) (Model, *apierr.Error) {
 	if len(body) == 0 {
 		return Model{}, apierr.InvalidRequest("request body is empty: send a JSON object with a \"model\" field")
 	}
-	valid, models := scan(body)
-	if !valid {
+	s, ok := scan(body)
+	if !ok {
 		return Model{}, apierr.InvalidRequest("request body is not valid JSON: send a JSON object with a \"model\" field")
 	}
 	if firstNonSpace(body) != '{' {
 		return Model{}, apierr.InvalidRequest("request body must be a JSON object with a \"model\" field")
 	}
-	r := gjson.GetBytes(body, "model")
-	if !r.Exists() {
+	if s.kind == kindNone {
 		return Model{}, apierr.InvalidRequest("request body has no \"model\" field: name the model to use, e.g. \"model\": \"Qwen/Qwen3-8B\"")
 	}
-	if r.Type != gjson.String {
-		return Model{}, apierr.InvalidRequest("\"model\" must be a string, got %s", typeName(r.Type))
+	if s.kind != kindString {
+		return Model{}, apierr.InvalidRequest("\"model\" must be a string, got %s", typeName(s.kind))
 	}
 	// We route on the first "model"; a neuron whose parser takes the last
 	// (Python, Go) or ignores case (Go) would serve another model than the
 	// one routed, so a second one, in any case or escaped, is refused.
-	if models > 1 {
+	if s.models > 1 {
 		return Model{}, apierr.InvalidRequest("request body has more than one \"model\" field; send exactly one")
 	}
-	id := r.Str
+	id, ok := decodeString(body[s.start:s.end])
+	if !ok { // not reached: strictString accepts what encoding/json does
+		return Model{}, apierr.InvalidRequest("request body is not valid JSON: send a JSON object with a \"model\" field")
+	}
 	if err := CheckID(id); err != nil {
 		return Model{}, err
 	}
-	return Model{ID: id, start: r.Index, end: r.Index + len(r.Raw)}, nil
+	return Model{ID: id, start: s.start, end: s.end}, nil
+}
+
+// decodeString unescapes a quoted JSON string that strictString accepted.
+// Without a backslash the content is the value: one allocation. Content
+// that is not UTF-8 is returned raw, so that CheckID refuses it, where
+// encoding/json would quietly turn it into U+FFFD.
+func decodeString(quoted []byte) (string, bool) {
+	raw := quoted[1 : len(quoted)-1]
+	if bytes.IndexByte(raw, '\\') < 0 || !utf8.Valid(raw) {
+		return string(raw), true
+	}
+	var s string
+	err := json.Unmarshal(quoted, &s)
+	return s, err == nil
 }
 
 // CheckID refuses model ids that are empty, too long, not UTF-8 or carry
@@ -78,20 +121,13 @@ func CheckID(id string) *apierr.Error {
 	return nil
 }
 
-// Rewrite returns body with the model value replaced by id. When the new
-// JSON string has the same length as the old one it is written in place
-// (body is modified and returned); otherwise one new buffer is allocated.
-func Rewrite(body []byte, m Model, id string) []byte {
-	q := quote(id)
-	old := m.end - m.start
-	if len(q) == old {
-		copy(body[m.start:m.end], q)
-		return body
-	}
-	out := make([]byte, 0, len(body)-old+len(q))
-	out = append(out, body[:m.start]...)
-	out = append(out, q...)
-	return append(out, body[m.end:]...)
+// Splice returns body with the model value replaced by id, in three
+// pieces to be sent one after the other, so the rewritten body is never
+// built: before and after alias body (no copy; before's capacity ends at
+// the model value, so appending to it cannot overwrite body), and value is
+// id as a JSON string.
+func Splice(body []byte, m Model, id string) (before, value, after []byte) {
+	return body[:m.start:m.start], quote(id), body[m.end:]
 }
 
 // quote renders id as a JSON string.
@@ -114,16 +150,16 @@ func firstNonSpace(b []byte) byte {
 	return 0
 }
 
-func typeName(t gjson.Type) string {
-	switch t {
-	case gjson.Null:
+func typeName(k kind) string {
+	switch k {
+	case kindNull:
 		return "null"
-	case gjson.False, gjson.True:
+	case kindBool:
 		return "a boolean"
-	case gjson.Number:
+	case kindNumber:
 		return "a number"
-	case gjson.JSON:
+	case kindContainer:
 		return "an object or array"
 	}
-	return t.String()
+	return "a string"
 }

@@ -11,14 +11,18 @@ import (
 )
 
 // FuzzFindRewrite feeds arbitrary bodies and replacement ids to Find and
-// Rewrite. What must hold for every input (FUZZING.md has the long runs):
-//   - neither panics;
-//   - Find accepts only a valid JSON object whose top-level "model" is a
-//     string that passes CheckID, and its ID is exactly that string as an
+// Splice (the rewrite). What must hold for every input (FUZZING.md has the
+// long runs):
+//   - none panics;
+//   - Find accepts only a JSON object whose top-level "model" is a string
+//     that passes CheckID, and its ID is exactly that string as an
 //     independent decoder (encoding/json) reads it from the recorded span;
-//   - Rewrite changes nothing but the model value: every byte before and
-//     after the span is kept, the result is valid JSON, and Find on the
-//     result returns the new id.
+//     the body is valid JSON, or encoding/json refuses it only for a fault
+//     inside a string Find does not check (left to the neuron, see the
+//     package doc);
+//   - Splice's pieces alias the body, and joined they change nothing but
+//     the model value: every byte before and after the span is kept, the
+//     result is as valid as the body, and Find on it returns the new id.
 func FuzzFindRewrite(f *testing.F) {
 	seeds := []struct{ body, id string }{
 		{`{"model":"helexa/small","messages":[{"role":"user","content":"hi"}]}`, "Qwen/Qwen3-1.7B"},
@@ -57,6 +61,15 @@ func FuzzFindRewrite(f *testing.F) {
 		{`{"model":"` + string(bytes.Repeat([]byte("x"), MaxModelLen+1)) + `"}`, "short"},
 		{" \t\r\n{\"model\" \t:\r\n\"ws\"\n}\n", "ü/ñ"},
 		{`{"model":"x","n":1e400,"s":"\ud83d\ude00"}`, "emoji \U0001F600"},
+		// String content Find leaves to the neuron, and where strings end.
+		{"{\"model\":\"m\",\"messages\":[{\"content\":\"a\tb \\q \\u12zz\x01\"}]}", "z"},
+		{`{"c":"a\",\"model\":\"evil","model":"m"}`, "z"},
+		{`{"c":"a\\","model":"m","d":"\\\""}`, "z"},
+		{"{\"model\":\"a\tb\"}", "z"},
+		{`{"model":"\q"}`, "z"},
+		{`{"model":"m","k\q":1}`, "z"},
+		{`{"model":"m","mod\u0065l":"n"}`, "z"},
+		{"{\"model\":\"\\u0041\xff\"}", "z"},
 	}
 	for _, s := range seeds {
 		f.Add([]byte(s.body), s.id)
@@ -75,8 +88,9 @@ func FuzzFindRewrite(f *testing.F) {
 		}
 
 		// What Find accepted.
-		if !json.Valid(body) {
-			t.Fatalf("Find accepted a body encoding/json rejects: %q", body)
+		valid := json.Valid(body)
+		if err := jsonError(body); !valid && !leftToNeuron(err) {
+			t.Fatalf("Find accepted %q, which encoding/json refuses outside a string: %v", body, err)
 		}
 		if CheckID(m.ID) != nil {
 			t.Fatalf("Find returned id %q that CheckID refuses", m.ID)
@@ -97,18 +111,24 @@ func FuzzFindRewrite(f *testing.F) {
 		// Exactly one top-level "model" (in any case: Go's decoder ignores
 		// case), and an independent decoder agrees on its value: the
 		// neuron reads the model we routed.
-		if n, v := topLevelModels(body); n != 1 || v != m.ID {
+		if n, v := topLevelModels(body); valid && (n != 1 || v != m.ID) {
 			t.Fatalf("Find ID %q, encoding/json sees %d model keys, the last %q", m.ID, n, v)
 		}
 
-		// Rewrite with an arbitrary replacement. Only ids that CheckID
-		// accepts ever reach Rewrite in production (catalogue ids and
+		// Splice in an arbitrary replacement. Only ids that CheckID
+		// accepts ever reach Splice in production (catalogue ids and
 		// requested ids), but the splice must hold for any valid UTF-8.
 		if !utf8.ValidString(newID) {
 			return
 		}
-		in := bytes.Clone(body)
-		out := Rewrite(in, m, newID)
+		before, value, after := Splice(body, m, newID)
+		if len(before) > 0 && &before[0] != &body[0] || len(after) > 0 && &after[len(after)-1] != &body[len(body)-1] {
+			t.Fatal("Splice copied the body instead of slicing it")
+		}
+		out := joined(before, value, after)
+		if !bytes.Equal(body, orig) {
+			t.Fatal("Splice modified its input")
+		}
 		q, _ := json.Marshal(newID)
 		if len(out) != len(body)-(m.end-m.start)+len(q) {
 			t.Fatalf("rewritten length %d, want %d", len(out), len(body)-(m.end-m.start)+len(q))
@@ -119,8 +139,11 @@ func FuzzFindRewrite(f *testing.F) {
 		if !bytes.Equal(out[m.start+len(q):], body[m.end:]) {
 			t.Fatal("bytes after the model value changed")
 		}
-		if !json.Valid(out) {
+		if valid && !json.Valid(out) {
 			t.Fatalf("rewrite of a valid body is invalid JSON: %q", out)
+		}
+		if err := jsonError(out); !valid && !leftToNeuron(err) {
+			t.Fatalf("rewrite %q is refused by encoding/json outside a string: %v", out, err)
 		}
 		if CheckID(newID) == nil {
 			m2, aerr := Find(out)

@@ -8,30 +8,78 @@ import (
 	"strings"
 )
 
-// Valid reports whether b is one complete JSON value (RFC 8259), the same
-// answer as encoding/json.Valid (pinned by FuzzValid). It exists because
-// validation dominates the cost of a large request for a concrete model:
-// a request body is mostly string content (chat history, base64 images),
-// and this scans strings eight bytes at a time, about twice as fast as
-// gjson.Valid on such bodies (BenchmarkValid). Nesting is tracked with an
-// explicit stack, so deep input cannot exhaust the goroutine stack.
-func Valid(b []byte) bool {
-	ok, _ := scan(b)
-	return ok
+// kind is the JSON type of a value, as far as Find's messages need it.
+type kind uint8
+
+const (
+	kindNone kind = iota // no top-level "model" key
+	kindString
+	kindNumber
+	kindBool
+	kindNull
+	kindContainer // an object or an array
+)
+
+// kindAt is the kind of the value starting with byte c.
+func kindAt(c byte) kind {
+	switch c {
+	case '"':
+		return kindString
+	case '{', '[':
+		return kindContainer
+	case 't', 'f':
+		return kindBool
+	case 'n':
+		return kindNull
+	}
+	return kindNumber
 }
 
-// scan is Valid that also counts the top-level keys equal to "model" in
-// any letter case after unescaping (see Find), in the same single pass.
-func scan(b []byte) (ok bool, models int) {
+// shape is what Find needs to know about a body, learnt in one pass.
+type shape struct {
+	// models counts the top-level keys equal to "model" in any letter case
+	// after unescaping (Find refuses more than one).
+	models int
+	// kind, start and end describe the value of the first top-level key
+	// that is exactly "model" after unescaping (the one gjson and most
+	// parsers would find first): its type and its raw bytes b[start:end].
+	kind       kind
+	start, end int
+}
+
+// scan checks that b is one JSON value and learns its shape, in one pass.
+//
+// The structure is checked strictly: objects, arrays, commas, colons,
+// numbers, literals, nothing after the value; nesting uses an explicit
+// stack, so deep input cannot exhaust the goroutine stack. Keys and the
+// top-level "model" value are strings scanned strictly (strictString):
+// keys are compared with "model" and the model value is decoded and routed
+// on. Every other string is only skipped to its closing quote (skipString)
+// and its content is not checked; see the package doc for why.
+//
+// On any body that encoding/json accepts, scan accepts too; on any body
+// scan accepts that encoding/json rejects, encoding/json's first error is
+// inside a string or is its nesting limit (FuzzValid).
+func scan(b []byte) (shape, bool) {
+	var s shape
 	var stackBuf [64]byte
 	stack := stackBuf[:0] // '{' or '[' per open container
+	// modelNext: the next value is the first top-level "model" value.
+	// modelOpen: that value has started and its end is not yet recorded.
+	modelNext, modelOpen := false, false
 	i := skipSpace(b, 0)
 	for {
 		// A value is expected at i.
 		if i >= len(b) {
-			return false, 0
+			return shape{}, false
 		}
-		switch c := b[i]; {
+		c := b[i]
+		if modelNext {
+			modelNext, modelOpen = false, true
+			s.start, s.kind = i, kindAt(c)
+		}
+		var ok bool
+		switch {
 		case c == '{':
 			i = skipSpace(b, i+1)
 			if i < len(b) && b[i] == '}' {
@@ -39,13 +87,12 @@ func scan(b []byte) (ok bool, models int) {
 				break
 			}
 			stack = append(stack, '{')
-			var ok bool
 			var k []byte
 			if i, k, ok = key(b, i); !ok {
-				return false, 0
+				return shape{}, false
 			}
-			if len(stack) == 1 && isModelKey(k) {
-				models++
+			if len(stack) == 1 {
+				modelNext = s.noteKey(k)
 			}
 			continue
 		case c == '[':
@@ -57,54 +104,61 @@ func scan(b []byte) (ok bool, models int) {
 			stack = append(stack, '[')
 			continue
 		case c == '"':
-			var ok bool
-			if i, ok = scanString(b, i+1); !ok {
-				return false, 0
+			if modelOpen && len(stack) == 1 {
+				i, ok = strictString(b, i+1)
+			} else {
+				i, ok = skipString(b, i+1)
+			}
+			if !ok {
+				return shape{}, false
 			}
 		case c == '-' || (c >= '0' && c <= '9'):
-			var ok bool
 			if i, ok = scanNumber(b, i); !ok {
-				return false, 0
+				return shape{}, false
 			}
 		case c == 't':
 			if !hasLiteral(b, i, "true") {
-				return false, 0
+				return shape{}, false
 			}
 			i += 4
 		case c == 'f':
 			if !hasLiteral(b, i, "false") {
-				return false, 0
+				return shape{}, false
 			}
 			i += 5
 		case c == 'n':
 			if !hasLiteral(b, i, "null") {
-				return false, 0
+				return shape{}, false
 			}
 			i += 4
 		default:
-			return false, 0
+			return shape{}, false
 		}
 		// A value ended at i: close containers or move to the next element.
 		for {
+			// Back at depth 1 with the model value open means it is the
+			// value that just ended (its own elements are deeper).
+			if modelOpen && len(stack) == 1 {
+				s.end, modelOpen = i, false
+			}
 			i = skipSpace(b, i)
 			if len(stack) == 0 {
-				return i == len(b), models
+				return s, i == len(b)
 			}
 			if i >= len(b) {
-				return false, 0
+				return shape{}, false
 			}
 			top := stack[len(stack)-1]
 			c := b[i]
 			if c == ',' {
 				i = skipSpace(b, i+1)
 				if top == '{' {
-					var ok bool
 					var k []byte
 					if i, k, ok = key(b, i); !ok {
-						return false, 0
+						return shape{}, false
 					}
-					if len(stack) == 1 && isModelKey(k) {
-						models++
+					if len(stack) == 1 {
+						modelNext = s.noteKey(k)
 					}
 				}
 				break
@@ -114,9 +168,19 @@ func scan(b []byte) (ok bool, models int) {
 				i++
 				continue
 			}
-			return false, 0
+			return shape{}, false
 		}
 	}
+}
+
+// noteKey counts a top-level key that is "model" in any case and reports
+// whether its value is the one to record: the first key exactly "model".
+func (s *shape) noteKey(raw []byte) bool {
+	exact, anyCase := modelKey(raw)
+	if anyCase {
+		s.models++
+	}
+	return exact && s.kind == kindNone
 }
 
 // key reads `"name" :` at i and returns the index after the colon and the
@@ -126,7 +190,7 @@ func key(b []byte, i int) (int, []byte, bool) {
 		return i, nil, false
 	}
 	start := i + 1
-	i, ok := scanString(b, start)
+	i, ok := strictString(b, start)
 	if !ok {
 		return i, nil, false
 	}
@@ -138,19 +202,54 @@ func key(b []byte, i int) (int, []byte, bool) {
 	return skipSpace(b, i+1), name, true
 }
 
-// isModelKey reports whether a raw (escaped) key is "model" in any letter
-// case. A key with escapes is decoded first; that is rare and may allocate.
-func isModelKey(raw []byte) bool {
+// modelKey reports whether a raw (escaped, strictly scanned) key is
+// exactly "model" and whether it is "model" in any letter case. A key with
+// escapes is decoded first; that is rare and may allocate.
+func modelKey(raw []byte) (exact, anyCase bool) {
 	if bytes.IndexByte(raw, '\\') < 0 {
-		return len(raw) == 5 && bytes.EqualFold(raw, []byte("model"))
+		return string(raw) == "model", len(raw) == 5 && bytes.EqualFold(raw, []byte("model"))
 	}
 	var k string
 	quoted := make([]byte, 0, len(raw)+2)
 	quoted = append(append(append(quoted, '"'), raw...), '"')
 	if json.Unmarshal(quoted, &k) != nil {
-		return false
+		return false, false
 	}
-	return strings.EqualFold(k, "model")
+	return k == "model", strings.EqualFold(k, "model")
+}
+
+// skipString returns the index after the closing quote of the string whose
+// content starts at i (b[i-1] is its opening quote). Only the closing
+// quote is looked for, with bytes.IndexByte (vectorised in the standard
+// library); the content is not checked. A quote preceded by an odd number
+// of backslashes is escaped (`\\` is an escaped backslash), so the search
+// goes on after it. That is where every JSON parser ends the string.
+//
+// Linear on any input: each backslash run is counted once, by the quote
+// that follows it, because a run stops at the previous quote.
+func skipString(b []byte, i int) (int, bool) {
+	for {
+		j := bytes.IndexByte(b[i:], '"')
+		if j < 0 {
+			return len(b), false
+		}
+		i += j
+		// b[i-1] exists: at worst it is the opening quote.
+		if b[i-1] != '\\' || !oddBackslashes(b, i) {
+			return i + 1, true
+		}
+		i++
+	}
+}
+
+// oddBackslashes reports whether the run of backslashes ending just before
+// q is odd. The run cannot go past the string's opening quote.
+func oddBackslashes(b []byte, q int) bool {
+	k := q - 1
+	for b[k-1] == '\\' {
+		k--
+	}
+	return (q-k)%2 == 1
 }
 
 func skipSpace(b []byte, i int) int {
@@ -183,9 +282,11 @@ func specialMask(w uint64) uint64 {
 	return ((quote-ones)&^quote | (slash-ones)&^slash | (w-ones*0x20)&^w) & highs
 }
 
-// scanString reads a string body from i (just after the opening quote) and
-// returns the index after the closing quote.
-func scanString(b []byte, i int) (int, bool) {
+// strictString reads a string from i (just after the opening quote) and
+// returns the index after the closing quote. Unlike skipString it checks
+// the content as RFC 8259 does: no control characters, only the defined
+// escapes, four hex digits after \u. It scans eight bytes at a time.
+func strictString(b []byte, i int) (int, bool) {
 	for {
 		// Jump to the next quote, backslash or control byte.
 		for i+8 <= len(b) {

@@ -18,7 +18,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -159,8 +158,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.grpc = grpc.NewServer(opts...)
-	extprocv3.RegisterExternalProcessorServer(s.grpc, ep)
+	s.grpc = extproc.NewGRPCServer(ep, opts...)
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	if s.xds != nil {

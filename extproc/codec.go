@@ -1,0 +1,160 @@
+package extproc
+
+import (
+	"strconv"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+	protocodec "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+)
+
+// Replies go to gRPC already in protobuf wire format. gRPC's own codec
+// marshals every reply into a fresh buffer: for a routed request that is the
+// same few headers every time, and for a rewritten body it is a copy of the
+// whole body (after the copy that built it). Here the parts that depend only
+// on the target are encoded once and cached, and a rewritten body is never
+// built: the reply is the request body itself, cut around the model value,
+// between an encoded prefix and suffix. gRPC writes the pieces out in order.
+
+// encoded is one ProcessingResponse in wire format, as pieces written in
+// order. Its buffers are never modified once handed to gRPC, which writes
+// them after Send returns.
+type encoded struct{ pieces mem.BufferSlice }
+
+// encode marshals a reply built as a message (errors, model lists: the cold
+// paths).
+func encode(resp *extprocv3.ProcessingResponse) *encoded {
+	return &encoded{pieces: mem.BufferSlice{mem.SliceBuffer(mustMarshal(resp))}}
+}
+
+// codec is gRPC's proto codec that passes *encoded replies through as they
+// are. Every other message (health, xDS, requests) uses the proto codec.
+type codec struct{ proto encoding.CodecV2 }
+
+func (c codec) Marshal(v any) (mem.BufferSlice, error) {
+	if e, ok := v.(*encoded); ok {
+		return e.pieces, nil
+	}
+	return c.proto.Marshal(v)
+}
+
+func (c codec) Unmarshal(data mem.BufferSlice, v any) error { return c.proto.Unmarshal(data, v) }
+
+func (c codec) Name() string { return protocodec.Name }
+
+// NewGRPCServer returns a gRPC server that serves s, with the codec its
+// replies need. Other services (health, xDS) may be registered on it too.
+func NewGRPCServer(s *Server, opts ...grpc.ServerOption) *grpc.Server {
+	opts = append(opts[:len(opts):len(opts)], grpc.ForceServerCodecV2(codec{proto: encoding.GetCodecV2(protocodec.Name)}))
+	g := grpc.NewServer(opts...)
+	extprocv3.RegisterExternalProcessorServer(g, s)
+	return g
+}
+
+// Field numbers of the messages a body reply nests, from the descriptors so
+// a renamed field fails at start-up rather than on the wire.
+var (
+	numRequestBody     = fieldNumber(&extprocv3.ProcessingResponse{}, "request_body")
+	numBodyResponse    = fieldNumber(&extprocv3.BodyResponse{}, "response")
+	numHeaderMutation  = fieldNumber(&extprocv3.CommonResponse{}, "header_mutation")
+	numBodyMutation    = fieldNumber(&extprocv3.CommonResponse{}, "body_mutation")
+	numBody            = fieldNumber(&extprocv3.BodyMutation{}, "body")
+	numSetHeaders      = fieldNumber(&extprocv3.HeaderMutation{}, "set_headers")
+	numHeaderOptHeader = fieldNumber(&corev3.HeaderValueOption{}, "header")
+	numHeaderKey       = fieldNumber(&corev3.HeaderValue{}, "key")
+	numHeaderRawValue  = fieldNumber(&corev3.HeaderValue{}, "raw_value")
+)
+
+func fieldNumber(m proto.Message, name protoreflect.Name) protowire.Number {
+	f := m.ProtoReflect().Descriptor().Fields().ByName(name)
+	if f == nil {
+		panic("extproc: no field " + string(name) + " in " + string(m.ProtoReflect().Descriptor().FullName()))
+	}
+	return f.Number()
+}
+
+// rewriteTemplate is what a body reply with a rewritten body shares with
+// every other such reply to the same target. Fields are laid out in the
+// order protobuf-go writes them (dynamic metadata before the oneof), so the
+// reply is byte for byte what proto.Marshal would produce.
+type rewriteTemplate struct {
+	metadata   []byte // ProcessingResponse.dynamic_metadata, or nothing
+	setHeaders []byte // HeaderMutation.set_headers entries for the target's headers
+	tail       []byte // the rest of CommonResponse after the body: clear_route_cache
+}
+
+// newRewriteTemplate encodes what surrounds the body in a reply that routes
+// with the set headers and a new body.
+func newRewriteTemplate(set []*corev3.HeaderValueOption, clearRouteCache bool, md *extprocv3.ProcessingResponse) rewriteTemplate {
+	return rewriteTemplate{
+		metadata:   mustMarshal(md),
+		setHeaders: mustMarshal(&extprocv3.HeaderMutation{SetHeaders: set}),
+		tail:       mustMarshal(&extprocv3.CommonResponse{ClearRouteCache: clearRouteCache}),
+	}
+}
+
+// rewrite encodes the body reply whose body is before+value+after (the
+// request body with a new model value) and whose headers are the template's
+// plus content-length. Only the prefix is allocated; the body pieces are
+// referenced, not copied.
+func (t *rewriteTemplate) rewrite(before, value, after []byte) *encoded {
+	n := len(before) + len(value) + len(after)
+	cl := strconv.Itoa(n)
+	// content-length is one more HeaderMutation.set_headers entry.
+	hv := lenField(numHeaderKey, len(headerContentLength)) + lenField(numHeaderRawValue, len(cl))
+	hvo := lenField(numHeaderOptHeader, hv)
+	hm := len(t.setHeaders) + lenField(numSetHeaders, hvo)
+	bm := lenField(numBody, n)
+	cr := lenField(numHeaderMutation, hm) + lenField(numBodyMutation, bm) + len(t.tail)
+	br := lenField(numBodyResponse, cr)
+
+	// Everything up to the first body byte: the heads of the nested fields
+	// (each head is at most a 1-byte tag and a 5-byte length) and headers.
+	p := make([]byte, 0, len(t.metadata)+8*6+len(t.setHeaders)+len(headerContentLength)+len(cl))
+	p = append(p, t.metadata...)
+	p = appendLenHead(p, numRequestBody, br)
+	p = appendLenHead(p, numBodyResponse, cr)
+	p = appendLenHead(p, numHeaderMutation, hm)
+	p = append(p, t.setHeaders...)
+	p = appendLenHead(p, numSetHeaders, hvo)
+	p = appendLenHead(p, numHeaderOptHeader, hv)
+	p = append(appendLenHead(p, numHeaderKey, len(headerContentLength)), headerContentLength...)
+	p = append(appendLenHead(p, numHeaderRawValue, len(cl)), cl...)
+	p = appendLenHead(p, numBodyMutation, bm)
+	p = appendLenHead(p, numBody, n)
+	return &encoded{pieces: mem.BufferSlice{
+		mem.SliceBuffer(p), mem.SliceBuffer(before), mem.SliceBuffer(value), mem.SliceBuffer(after), mem.SliceBuffer(t.tail),
+	}}
+}
+
+const headerContentLength = "content-length"
+
+// mustMarshal encodes the replies built once per server or target. Their
+// only string fields are header names (constants, or
+// upstream.cluster_header, which config validation keeps a lowercase ASCII
+// token) and ip:port values, so the UTF-8 check, protobuf's one failure for
+// these messages, cannot fail.
+func mustMarshal(m proto.Message) []byte {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		panic("extproc: encoding a reply: " + err.Error())
+	}
+	return b
+}
+
+// lenField is the encoded size of a length-delimited field holding n bytes.
+func lenField(num protowire.Number, n int) int {
+	return protowire.SizeTag(num) + protowire.SizeBytes(n)
+}
+
+// appendLenHead appends the tag and length of a length-delimited field whose
+// n bytes of content follow.
+func appendLenHead(b []byte, num protowire.Number, n int) []byte {
+	return protowire.AppendVarint(protowire.AppendTag(b, num, protowire.BytesType), uint64(n))
+}

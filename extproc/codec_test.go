@@ -1,0 +1,123 @@
+package extproc
+
+import (
+	"bytes"
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/routing"
+)
+
+// TestRewriteReplyEncoding pins the hand-encoded rewrite reply to what
+// protobuf itself produces for the same message, byte for byte, across body
+// sizes where the nested lengths change width (127/128, 16383/16384, ...),
+// with and without dynamic metadata.
+func TestRewriteReplyEncoding(t *testing.T) {
+	target := routing.Target{Requested: "fleet/s", Model: "org/model-8-instruct", Node: "node-007", Cluster: "neuron-node-007", ColdStart: true}
+	for _, up := range []Upstream{ClusterHeader{Name: HeaderCluster}, NewOriginalDst(nil)} {
+		value := "neuron-node-007"
+		if up.DynamicMetadataKey() != "" {
+			value = "10.1.2.3:8080"
+		}
+		parts := newReplyParts(up, &target, value)
+		// Every size around the points where the nested lengths change
+		// width (they differ from the body size by up to ~130 bytes); past
+		// 2 MB, samples on both sides.
+		var sizes []int
+		for _, edge := range []int{1 << 7, 1 << 14} {
+			for size := max(edge-130, 64); size <= edge+10; size++ {
+				sizes = append(sizes, size)
+			}
+		}
+		for _, d := range []int{-130, -100, -60, -30, -13, -10, -5, -1, 0, 1, 10} {
+			sizes = append(sizes, 1<<21+d)
+		}
+		for _, size := range append(sizes, 1<<20+3) {
+			t.Run(fmt.Sprintf("%s/%d", up.Header(), size), func(t *testing.T) {
+				body := jsonBody("fleet/s", size)
+				m, aerr := reqbody.Find(body)
+				if aerr != nil {
+					t.Fatal(aerr)
+				}
+				got := parts.rewrite.rewrite(reqbody.Splice(body, m, target.Model)).pieces.Materialize()
+
+				newBody := []byte(strings.Replace(string(body), `"fleet/s"`, `"`+target.Model+`"`, 1))
+				want := &extprocv3.ProcessingResponse{
+					Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{
+						HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
+							setHeader(up.Header(), value),
+							setHeader(HeaderNode, target.Node),
+							setHeader(HeaderModel, target.Model),
+							setHeader(HeaderColdStart, "true"),
+							setHeader("content-length", strconv.Itoa(len(newBody))),
+						}},
+						BodyMutation:    &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: newBody}},
+						ClearRouteCache: true,
+					}}},
+					DynamicMetadata: dynamicMetadata(up.DynamicMetadataKey(), value),
+				}
+				var decoded extprocv3.ProcessingResponse
+				if err := proto.Unmarshal(got, &decoded); err != nil {
+					t.Fatalf("the encoded reply does not parse: %v", err)
+				}
+				if !proto.Equal(&decoded, want) {
+					t.Fatalf("the encoded reply decodes to a different message:\ngot  %v\nwant %v", trim(&decoded), trim(want))
+				}
+				if wantBytes := mustMarshal(want); !bytes.Equal(got, wantBytes) {
+					t.Errorf("encoding differs from protobuf's (%d vs %d bytes)", len(got), len(wantBytes))
+				}
+			})
+		}
+	}
+}
+
+// TestCachedRepliesDecode checks the replies cached per target decode to the
+// routing headers (an unchanged body is not sent back).
+func TestCachedRepliesDecode(t *testing.T) {
+	target := routing.Target{Model: "org/m", Node: "n1", Cluster: "neuron-n1"}
+	parts := newReplyParts(ClusterHeader{Name: HeaderCluster}, &target, "neuron-n1")
+	var routed, responded extprocv3.ProcessingResponse
+	if err := proto.Unmarshal(parts.routed.pieces.Materialize(), &routed); err != nil {
+		t.Fatal(err)
+	}
+	if err := proto.Unmarshal(parts.responded.pieces.Materialize(), &responded); err != nil {
+		t.Fatal(err)
+	}
+	common := routed.GetRequestBody().GetResponse()
+	if !common.GetClearRouteCache() || common.GetBodyMutation() != nil || len(common.GetHeaderMutation().GetSetHeaders()) != 4 {
+		t.Errorf("routed reply = %v; want 4 routing headers, the route cache cleared, no body", trim(&routed))
+	}
+	if h := common.GetHeaderMutation().GetSetHeaders()[0].GetHeader(); h.GetKey() != HeaderCluster || string(h.GetRawValue()) != "neuron-n1" {
+		t.Errorf("first header = %v; want %s: neuron-n1", h, HeaderCluster)
+	}
+	if got := len(responded.GetResponseHeaders().GetResponse().GetHeaderMutation().GetSetHeaders()); got != 3 {
+		t.Errorf("response headers reply sets %d headers; want node, model and cold start", got)
+	}
+}
+
+// jsonBody is a chat body of exactly size bytes (size ≥ 40) for model.
+func jsonBody(model string, size int) []byte {
+	head := `{"model":"` + model + `","messages":[{"role":"user","content":"`
+	tail := `"}]}`
+	fill := size - len(head) - len(tail)
+	if fill < 0 {
+		panic("body too small")
+	}
+	return []byte(head + strings.Repeat("x", fill) + tail)
+}
+
+// trim renders a reply without its (possibly huge) body.
+func trim(r *extprocv3.ProcessingResponse) string {
+	c := proto.Clone(r).(*extprocv3.ProcessingResponse)
+	if bm := c.GetRequestBody().GetResponse().GetBodyMutation(); bm != nil {
+		bm.Mutation = &extprocv3.BodyMutation_Body{Body: []byte(fmt.Sprintf("<%d bytes>", len(bm.GetBody())))}
+	}
+	return c.String()
+}
