@@ -91,7 +91,7 @@ func BenchmarkBodyPath(b *testing.B) {
 					st := &stream{srv: s}
 					st.requestHeaders(hm)
 					start := time.Now()
-					resp, err := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: work, EndOfStream: true})
+					resp, err := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: work, EndOfStream: true}, &received{})
 					took = append(took, time.Since(start))
 					if _, ok := resp.(*encoded); err != nil || !ok {
 						b.Fatalf("%v %v", resp, err)
@@ -143,7 +143,7 @@ func TestBodyPathCostDoesNotGrowWithBody(t *testing.T) {
 			run := func() {
 				st := &stream{srv: s}
 				st.requestHeaders(hm)
-				resp, _ := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: body, EndOfStream: true})
+				resp, _ := st.requestBody(context.Background(), &extprocv3.HttpBody{Body: body, EndOfStream: true}, &received{})
 				e, ok := resp.(*encoded)
 				if !ok {
 					t.Fatalf("%s: reply %v is not a routing reply", c.kind, resp)

@@ -34,7 +34,8 @@ func encode(resp *extprocv3.ProcessingResponse) *encoded {
 }
 
 // codec is gRPC's proto codec that passes *encoded replies through as they
-// are. Every other message (health, xDS, requests) uses the proto codec.
+// are and decodes Envoy's messages into *received (recv.go). Every other
+// message (health, xDS) uses the proto codec.
 type codec struct{ proto encoding.CodecV2 }
 
 func (c codec) Marshal(v any) (mem.BufferSlice, error) {
@@ -44,18 +45,26 @@ func (c codec) Marshal(v any) (mem.BufferSlice, error) {
 	return c.proto.Marshal(v)
 }
 
-func (c codec) Unmarshal(data mem.BufferSlice, v any) error { return c.proto.Unmarshal(data, v) }
+func (c codec) Unmarshal(data mem.BufferSlice, v any) error {
+	if r, ok := v.(*received); ok {
+		return r.unmarshal(data, c.proto.Unmarshal)
+	}
+	return c.proto.Unmarshal(data, v)
+}
 
 func (c codec) Name() string { return protocodec.Name }
 
 // NewGRPCServer returns a gRPC server that serves s, with the codec its
 // replies need. Other services (health, xDS) may be registered on it too.
 func NewGRPCServer(s *Server, opts ...grpc.ServerOption) *grpc.Server {
-	opts = append(opts[:len(opts):len(opts)], grpc.ForceServerCodecV2(codec{proto: encoding.GetCodecV2(protocodec.Name)}))
+	opts = append(opts[:len(opts):len(opts)], grpc.ForceServerCodecV2(codec{proto: protoCodec()}))
 	g := grpc.NewServer(opts...)
 	extprocv3.RegisterExternalProcessorServer(g, s)
 	return g
 }
+
+// protoCodec is gRPC's own proto codec.
+func protoCodec() encoding.CodecV2 { return encoding.GetCodecV2(protocodec.Name) }
 
 // Field numbers of the messages a body reply nests, from the descriptors so
 // a renamed field fails at start-up rather than on the wire.
@@ -102,9 +111,9 @@ func newRewriteTemplate(set []*corev3.HeaderValueOption, clearRouteCache bool, m
 // rewrite encodes the body reply whose body is before+value+after (the
 // request body with a new model value) and whose headers are the template's
 // plus content-length. Only the prefix is allocated; the body pieces are
-// referenced, not copied.
-func (t *rewriteTemplate) rewrite(before, value, after []byte) *encoded {
-	n := len(before) + len(value) + len(after)
+// referenced, not copied (the reply takes over their references).
+func (t *rewriteTemplate) rewrite(before, value, after mem.Buffer) *encoded {
+	n := before.Len() + value.Len() + after.Len()
 	cl := strconv.Itoa(n)
 	// content-length is one more HeaderMutation.set_headers entry.
 	hv := lenField(numHeaderKey, len(headerContentLength)) + lenField(numHeaderRawValue, len(cl))
@@ -129,7 +138,7 @@ func (t *rewriteTemplate) rewrite(before, value, after []byte) *encoded {
 	p = appendLenHead(p, numBodyMutation, bm)
 	p = appendLenHead(p, numBody, n)
 	return &encoded{pieces: mem.BufferSlice{
-		mem.SliceBuffer(p), mem.SliceBuffer(before), mem.SliceBuffer(value), mem.SliceBuffer(after), mem.SliceBuffer(t.tail),
+		mem.SliceBuffer(p), before, value, after, mem.SliceBuffer(t.tail),
 	}}
 }
 

@@ -9,6 +9,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/helexa/cortex-extproc/reqbody"
@@ -46,7 +47,8 @@ func TestRewriteReplyEncoding(t *testing.T) {
 				if aerr != nil {
 					t.Fatal(aerr)
 				}
-				got := parts.rewrite.rewrite(reqbody.Splice(body, m, target.Model)).pieces.Materialize()
+				before, id, after := reqbody.Splice(body, m, target.Model)
+				got := parts.rewrite.rewrite(mem.SliceBuffer(before), mem.SliceBuffer(id), mem.SliceBuffer(after)).pieces.Materialize()
 
 				newBody := []byte(strings.Replace(string(body), `"fleet/s"`, `"`+target.Model+`"`, 1))
 				want := &extprocv3.ProcessingResponse{

@@ -18,6 +18,7 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -190,8 +191,8 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 	defer st.target.Release()
 	ctx := g.Context()
 	for {
-		req, err := g.Recv()
-		if err != nil {
+		msg := new(received)
+		if err := g.RecvMsg(msg); err != nil {
 			// EOF: Envoy has what it needs (or half-closed after a client
 			// hang-up). Canceled: the HTTP request is gone.
 			if errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled || ctx.Err() != nil {
@@ -199,17 +200,14 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 			}
 			return err
 		}
-		if pc := req.GetProtocolConfig(); pc != nil {
-			st.checkMode(pc)
+		resp, err := st.handle(ctx, msg)
+		if err == nil && resp != nil {
+			err = g.SendMsg(resp)
 		}
-		resp, err := st.handle(ctx, req)
-		if err != nil {
-			return err
-		}
-		if resp == nil { // the client went away while we waited
-			return nil
-		}
-		if err := g.SendMsg(resp); err != nil {
+		// Answered: the receive buffer goes back (a reply still being
+		// written holds its own references to the body).
+		msg.release()
+		if err != nil || resp == nil { // resp nil: the client went away while we waited
 			return err
 		}
 	}
@@ -227,12 +225,16 @@ func (st *stream) checkMode(pc *extprocv3.ProtocolConfiguration) {
 	}
 }
 
-func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) (any, error) {
+func (st *stream) handle(ctx context.Context, msg *received) (any, error) {
+	req := &msg.msg
+	if pc := req.GetProtocolConfig(); pc != nil {
+		st.checkMode(pc)
+	}
 	switch r := req.GetRequest().(type) {
 	case *extprocv3.ProcessingRequest_RequestHeaders:
 		return st.requestHeaders(r.RequestHeaders), nil
 	case *extprocv3.ProcessingRequest_RequestBody:
-		return st.requestBody(ctx, r.RequestBody)
+		return st.requestBody(ctx, r.RequestBody, msg)
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		return continueRequestTrailers, nil
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
@@ -296,7 +298,7 @@ func (st *stream) bodiless() *extprocv3.ProcessingResponse {
 	return st.immediate(apierr.NotFound("cortex-extproc routes POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/images/generations and /v1/messages with a JSON body, and answers GET /v1/models; %s %s is none of these", st.method, st.path))
 }
 
-func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (any, error) {
+func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *received) (any, error) {
 	if st.bodyDone {
 		// BUFFERED sends exactly one body message; in other modes (or from a
 		// confused peer) every further chunk still needs its reply.
@@ -339,7 +341,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) (any, 
 	if aerr != nil {
 		return st.decided(&t, aerr, start), nil
 	}
-	resp := st.route(body, m, &t, value)
+	resp := st.route(msg, body, m, &t, value)
 	st.decided(&t, nil, start)
 	return resp, nil
 }
@@ -382,12 +384,14 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 // content-length (Envoy keeps the client's content-length in BUFFERED mode
 // and rejects a body whose length differs from it). The body is sent back
 // only when it changed; it is never copied (codec.go).
-func (st *stream) route(body []byte, m reqbody.Model, t *routing.Target, value string) *encoded {
+func (st *stream) route(msg *received, body []byte, m reqbody.Model, t *routing.Target, value string) *encoded {
 	st.parts = st.srv.parts.get(st.srv.opt.Upstream, t, value)
 	if t.Model == m.ID {
 		return st.parts.routed
 	}
-	return st.parts.rewrite.rewrite(reqbody.Splice(body, m, t.Model))
+	before, id, after := reqbody.Splice(body, m, t.Model)
+	return st.parts.rewrite.rewrite(
+		msg.piece(body, 0, len(before)), mem.SliceBuffer(id), msg.piece(body, len(body)-len(after), len(body)))
 }
 
 // decided reports the decision and renders an error, if any.

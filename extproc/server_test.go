@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
+	"sync"
 
 	"net"
 	"slices"
@@ -492,4 +494,60 @@ func TestOriginalDstSetsDestinationHeaderAndMetadata(t *testing.T) {
 			t.Errorf("%s: envoy.lb metadata %v, want it equal to the header %q", model, lb, dest)
 		}
 	}
+}
+
+// TestLargeBodiesConcurrently: many large alias bodies at once, each
+// distinct, each rewritten exactly. The bodies are not copied on receipt
+// and are sent back as views of gRPC's receive buffers; a buffer recycled
+// too early would show up here as another request's bytes.
+func TestLargeBodiesConcurrently(t *testing.T) {
+	h := startFixture(t)
+	const workers, each = 12, 4
+	errs := make(chan error, workers*each)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				fill := strings.Repeat(fmt.Sprintf("w%di%d-", w, i), (200<<10)/8)
+				body := []byte(`{"model":"helexa/small","messages":[{"role":"user","content":"` + fill + `"}]}`)
+				want := strings.Replace(string(body), "helexa/small", "Qwen/Qwen3-1.7B", 1)
+				errs <- largeExchange(h, body, want)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func largeExchange(h *harness, body []byte, want string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s, err := h.client.Process(ctx)
+	if err != nil {
+		return err
+	}
+	defer s.CloseSend()
+	for _, m := range []*extprocv3.ProcessingRequest{post("/v1/chat/completions", body), bodyMsg(body)} {
+		if err := s.Send(m); err != nil {
+			return err
+		}
+		r, err := s.Recv()
+		if err != nil {
+			return err
+		}
+		if got := r.GetRequestBody().GetResponse().GetBodyMutation().GetBody(); r.GetRequestBody() != nil && string(got) != want {
+			return fmt.Errorf("rewritten body of %d bytes differs from the expected %d bytes", len(got), len(want))
+		}
+		if r.GetImmediateResponse() != nil {
+			return fmt.Errorf("immediate response %s", r.GetImmediateResponse().GetBody())
+		}
+	}
+	return nil
 }

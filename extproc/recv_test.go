@@ -1,0 +1,183 @@
+package extproc
+
+import (
+	"bytes"
+	"strings"
+	"sync"
+	"testing"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/routing"
+)
+
+func marshal(t testing.TB, m proto.Message) []byte {
+	t.Helper()
+	b, err := proto.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func bodyRequest(body []byte) *extprocv3.ProcessingRequest {
+	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
+		RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: true}}}
+}
+
+// chunks splits b the way gRPC hands a large message to a codec: several
+// buffers.
+func chunks(b []byte, size int) mem.BufferSlice {
+	var s mem.BufferSlice
+	for len(b) > 0 {
+		n := min(size, len(b))
+		s = append(s, mem.SliceBuffer(b[:n]))
+		b = b[n:]
+	}
+	return s
+}
+
+// TestReceivedDecodesLikeProtobuf: whatever Envoy sends decodes to exactly
+// what protobuf decodes, whether or not the body is aliased.
+func TestReceivedDecodesLikeProtobuf(t *testing.T) {
+	big := []byte(`{"model":"m","messages":"` + strings.Repeat("x", 40<<10) + `"}`)
+	full := bodyRequest(big)
+	full.GetRequestBody().EndOfStream = false
+	full.MetadataContext = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{"a": {Fields: map[string]*structpb.Value{"k": structpb.NewStringValue("v")}}}}
+	full.Attributes = map[string]*structpb.Struct{"envoy.filters.http.ext_proc": {Fields: map[string]*structpb.Value{"request.path": structpb.NewStringValue("/v1/chat/completions")}}}
+	full.ObservabilityMode = true
+	full.ProtocolConfig = &extprocv3.ProtocolConfiguration{RequestBodyMode: filterv3.ProcessingMode_BUFFERED}
+	headers := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: "x-big", RawValue: big}}}}}}
+	respBody := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{ResponseBody: &extprocv3.HttpBody{Body: big}}}
+
+	cases := []struct {
+		name    string
+		wire    []byte
+		aliased bool
+	}{
+		{"large body", marshal(t, bodyRequest(big)), true},
+		{"large body with every other field", marshal(t, full), true},
+		{"small body", marshal(t, bodyRequest([]byte(`{"model":"m"}`))), false},
+		{"large headers", marshal(t, headers), false},
+		{"large response body", marshal(t, respBody), false},
+		// Repeated message fields merge in protobuf; left to it.
+		{"request_body twice", append(marshal(t, bodyRequest(big)), marshal(t, bodyRequest([]byte("{}")))...), false},
+		{"body then headers (last oneof wins)", append(marshal(t, bodyRequest(big)), marshal(t, headers)...), false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var want extprocv3.ProcessingRequest
+			if err := proto.Unmarshal(c.wire, &want); err != nil {
+				t.Fatal(err)
+			}
+			r := new(received)
+			if err := (codec{proto: protoCodec()}).Unmarshal(chunks(c.wire, 16<<10), r); err != nil {
+				t.Fatal(err)
+			}
+			defer r.release()
+			if !proto.Equal(&r.msg, &want) {
+				t.Fatalf("decoded %v\nprotobuf %v", &r.msg, &want)
+			}
+			if (r.buf != nil) != c.aliased {
+				t.Errorf("body aliased = %v, want %v", r.buf != nil, c.aliased)
+			}
+			if r.buf != nil {
+				body := r.msg.GetRequestBody().GetBody()
+				if !bytes.Equal(r.buf.ReadOnlyData()[r.bodyOff:r.bodyOff+len(body)], body) {
+					t.Error("bodyOff does not point at the body in the receive buffer")
+				}
+			}
+		})
+	}
+}
+
+// FuzzReceivedDecode pins the aliasing decoder to protobuf on any input:
+// same error-ness, same message.
+func FuzzReceivedDecode(f *testing.F) {
+	f.Add(marshal(f, bodyRequest([]byte(`{"model":"m"}`))))
+	f.Add(append(marshal(f, bodyRequest([]byte("a"))), marshal(f, bodyRequest([]byte("b")))...))
+	f.Add(marshal(f, &extprocv3.ProcessingRequest{ObservabilityMode: true, Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{EndOfStream: true}}}))
+	f.Add([]byte{0x22, 0x03, 0x0a, 0x05, 0x61})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var want extprocv3.ProcessingRequest
+		werr := proto.Unmarshal(b, &want)
+		r := new(received)
+		gerr := r.decode(mem.SliceBuffer(bytes.Clone(b)))
+		defer r.release()
+		if (werr == nil) != (gerr == nil) {
+			t.Fatalf("protobuf error %v, ours %v", werr, gerr)
+		}
+		if werr == nil && !proto.Equal(&r.msg, &want) {
+			t.Fatalf("decoded %v\nprotobuf %v", &r.msg, &want)
+		}
+	})
+}
+
+// poisonPool is a BufferPool that overwrites a buffer when it comes back,
+// so a reply still reading it would send garbage.
+type poisonPool struct {
+	mu   sync.Mutex
+	puts int
+}
+
+func (p *poisonPool) Get(n int) *[]byte { b := make([]byte, n); return &b }
+
+func (p *poisonPool) Put(b *[]byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.puts++
+	for i := range *b {
+		(*b)[i] = 'X'
+	}
+}
+
+// TestRewriteReplyHoldsTheReceiveBuffer: the stream releases the receive
+// buffer as soon as it has answered, but a rewrite reply gRPC has not yet
+// written still reads the body from it; the buffer goes back to its pool
+// only when the reply is done with it too.
+func TestRewriteReplyHoldsTheReceiveBuffer(t *testing.T) {
+	body := []byte(`{"model":"fleet/s","messages":[{"role":"user","content":"` + strings.Repeat("y", 64<<10) + `"}]}`)
+	wire := marshal(t, bodyRequest(body))
+	pool := &poisonPool{}
+	data := mem.BufferSlice{mem.NewBuffer(&wire, pool)}
+
+	r := new(received)
+	if err := (codec{proto: protoCodec()}).Unmarshal(data, r); err != nil {
+		t.Fatal(err)
+	}
+	data.Free() // gRPC frees what it handed the codec
+	if r.buf == nil {
+		t.Fatal("a 64 KB body was copied, not aliased")
+	}
+	m, aerr := reqbody.Find(r.msg.GetRequestBody().GetBody())
+	if aerr != nil {
+		t.Fatal(aerr)
+	}
+	target := routing.Target{Requested: "fleet/s", Model: "org/model-8", Node: "n1", Cluster: "neuron-n1"}
+	st := &stream{srv: New(nil, Options{})}
+	reply := st.route(r, r.msg.GetRequestBody().GetBody(), m, &target, "neuron-n1")
+	r.release() // the stream is done with the message
+
+	if pool.puts != 0 {
+		t.Fatal("the receive buffer went back to its pool while a reply still referenced it")
+	}
+	var decoded extprocv3.ProcessingResponse
+	if err := proto.Unmarshal(reply.pieces.Materialize(), &decoded); err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Replace(body, []byte(`"fleet/s"`), []byte(`"org/model-8"`), 1)
+	if got := decoded.GetRequestBody().GetResponse().GetBodyMutation().GetBody(); !bytes.Equal(got, want) {
+		t.Fatalf("rewritten body differs (%d vs %d bytes)", len(got), len(want))
+	}
+	reply.pieces.Free() // gRPC, once the reply is written
+	if pool.puts != 1 {
+		t.Errorf("receive buffer returned %d times after the reply was written; want once", pool.puts)
+	}
+}
