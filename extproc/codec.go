@@ -12,6 +12,8 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
+
+	"github.com/helexa/cortex-extproc/reqbody"
 )
 
 // Replies go to gRPC already in protobuf wire format. gRPC's own codec
@@ -24,7 +26,9 @@ import (
 
 // encoded is one ProcessingResponse in wire format, as pieces written in
 // order. Its buffers are never modified once handed to gRPC, which writes
-// them after Send returns.
+// them after Send returns and then releases them: a cached reply is made of
+// plain slices (releasing does nothing), a rewrite reply holds references
+// to a receive buffer (recv.go) and is sent exactly once.
 type encoded struct{ pieces mem.BufferSlice }
 
 // encode marshals a reply built as a message (errors, model lists: the cold
@@ -95,25 +99,29 @@ func fieldNumber(m proto.Message, name protoreflect.Name) protowire.Number {
 type rewriteTemplate struct {
 	metadata   []byte // ProcessingResponse.dynamic_metadata, or nothing
 	setHeaders []byte // HeaderMutation.set_headers entries for the target's headers
+	model      []byte // the target's model id as a JSON string
 	tail       []byte // the rest of CommonResponse after the body: clear_route_cache
 }
 
 // newRewriteTemplate encodes what surrounds the body in a reply that routes
-// with the set headers and a new body.
-func newRewriteTemplate(set []*corev3.HeaderValueOption, clearRouteCache bool, md *extprocv3.ProcessingResponse) rewriteTemplate {
+// with the set headers and a body whose model becomes model.
+func newRewriteTemplate(set []*corev3.HeaderValueOption, model string, md *extprocv3.ProcessingResponse) rewriteTemplate {
 	return rewriteTemplate{
 		metadata:   mustMarshal(md),
 		setHeaders: mustMarshal(&extprocv3.HeaderMutation{SetHeaders: set}),
-		tail:       mustMarshal(&extprocv3.CommonResponse{ClearRouteCache: clearRouteCache}),
+		model:      reqbody.Quote(model),
+		tail:       mustMarshal(&extprocv3.CommonResponse{ClearRouteCache: true}),
 	}
 }
 
-// rewrite encodes the body reply whose body is before+value+after (the
-// request body with a new model value) and whose headers are the template's
-// plus content-length. Only the prefix is allocated; the body pieces are
-// referenced, not copied (the reply takes over their references).
-func (t *rewriteTemplate) rewrite(before, value, after mem.Buffer) *encoded {
-	n := before.Len() + value.Len() + after.Len()
+// rewrite encodes the body reply that sends msg's body with body[start:end]
+// (the model value) replaced by the template's model, and the template's
+// headers plus content-length. A large body is not copied: the reply
+// references msg's receive buffer around the model value. A small one is
+// copied into the one buffer of the reply, which is cheaper than the
+// references.
+func (t *rewriteTemplate) rewrite(msg *received, body []byte, start, end int) *encoded {
+	n := len(body) - (end - start) + len(t.model)
 	cl := strconv.Itoa(n)
 	// content-length is one more HeaderMutation.set_headers entry.
 	hv := lenField(numHeaderKey, len(headerContentLength)) + lenField(numHeaderRawValue, len(cl))
@@ -125,7 +133,11 @@ func (t *rewriteTemplate) rewrite(before, value, after mem.Buffer) *encoded {
 
 	// Everything up to the first body byte: the heads of the nested fields
 	// (each head is at most a 1-byte tag and a 5-byte length) and headers.
-	p := make([]byte, 0, len(t.metadata)+8*6+len(t.setHeaders)+len(headerContentLength)+len(cl))
+	size := len(t.metadata) + 8*6 + len(t.setHeaders) + len(headerContentLength) + len(cl)
+	if msg.buf == nil {
+		size += n + len(t.tail)
+	}
+	p := make([]byte, 0, size)
 	p = append(p, t.metadata...)
 	p = appendLenHead(p, numRequestBody, br)
 	p = appendLenHead(p, numBodyResponse, cr)
@@ -137,8 +149,12 @@ func (t *rewriteTemplate) rewrite(before, value, after mem.Buffer) *encoded {
 	p = append(appendLenHead(p, numHeaderRawValue, len(cl)), cl...)
 	p = appendLenHead(p, numBodyMutation, bm)
 	p = appendLenHead(p, numBody, n)
+	if msg.buf == nil {
+		p = append(append(append(append(p, body[:start]...), t.model...), body[end:]...), t.tail...)
+		return &encoded{pieces: mem.BufferSlice{mem.SliceBuffer(p)}}
+	}
 	return &encoded{pieces: mem.BufferSlice{
-		mem.SliceBuffer(p), before, value, after, mem.SliceBuffer(t.tail),
+		mem.SliceBuffer(p), msg.piece(0, start), mem.SliceBuffer(t.model), msg.piece(end, len(body)), mem.SliceBuffer(t.tail),
 	}}
 }
 

@@ -43,12 +43,21 @@ func TestRewriteReplyEncoding(t *testing.T) {
 		for _, size := range append(sizes, 1<<20+3) {
 			t.Run(fmt.Sprintf("%s/%d", up.Header(), size), func(t *testing.T) {
 				body := jsonBody("fleet/s", size)
+				// The body as received: copied (small bodies), or aliasing
+				// the receive buffer (large ones); each size is tried both ways.
+				msg := new(received)
+				if size%2 == 1 {
+					if err := msg.decode(mem.SliceBuffer(marshal(t, bodyRequest(body)))); err != nil || msg.buf == nil {
+						t.Fatalf("decode: %v, aliased %v", err, msg.buf != nil)
+					}
+					body = msg.msg.GetRequestBody().GetBody()
+				}
 				m, aerr := reqbody.Find(body)
 				if aerr != nil {
 					t.Fatal(aerr)
 				}
-				before, id, after := reqbody.Splice(body, m, target.Model)
-				got := parts.rewrite.rewrite(mem.SliceBuffer(before), mem.SliceBuffer(id), mem.SliceBuffer(after)).pieces.Materialize()
+				start, end := m.Span()
+				got := parts.rewrite.rewrite(msg, body, start, end).pieces.Materialize()
 
 				newBody := []byte(strings.Replace(string(body), `"fleet/s"`, `"`+target.Model+`"`, 1))
 				want := &extprocv3.ProcessingResponse{

@@ -80,7 +80,7 @@ func newReplyParts(up Upstream, t *routing.Target, value string) *replyParts {
 			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: set[1:]}}}}}
 	return &replyParts{
 		routed:    encode(routed),
-		rewrite:   newRewriteTemplate(set, true, &extprocv3.ProcessingResponse{DynamicMetadata: md}),
+		rewrite:   newRewriteTemplate(set, t.Model, &extprocv3.ProcessingResponse{DynamicMetadata: md}),
 		responded: encode(responded),
 	}
 }

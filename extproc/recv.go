@@ -34,12 +34,9 @@ func (r *received) release() {
 	}
 }
 
-// piece returns body[from:to] of r's request body as a reference-counted
-// view for a reply, or a plain slice when the body was copied.
-func (r *received) piece(body []byte, from, to int) mem.Buffer {
-	if r.buf == nil {
-		return mem.SliceBuffer(body[from:to])
-	}
+// piece returns body[from:to] of r's aliased request body as a view of the
+// receive buffer for a reply, holding its own reference.
+func (r *received) piece(from, to int) mem.Buffer {
 	return r.buf.Slice(r.bodyOff+from, r.bodyOff+to)
 }
 

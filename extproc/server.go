@@ -18,7 +18,6 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -389,9 +388,8 @@ func (st *stream) route(msg *received, body []byte, m reqbody.Model, t *routing.
 	if t.Model == m.ID {
 		return st.parts.routed
 	}
-	before, id, after := reqbody.Splice(body, m, t.Model)
-	return st.parts.rewrite.rewrite(
-		msg.piece(body, 0, len(before)), mem.SliceBuffer(id), msg.piece(body, len(body)-len(after), len(body)))
+	start, end := m.Span()
+	return st.parts.rewrite.rewrite(msg, body, start, end)
 }
 
 // decided reports the decision and renders an error, if any.

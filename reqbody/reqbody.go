@@ -121,17 +121,21 @@ func CheckID(id string) *apierr.Error {
 	return nil
 }
 
+// Span is where the model's raw JSON string (quotes included) sits in the
+// body: body[start:end].
+func (m Model) Span() (start, end int) { return m.start, m.end }
+
 // Splice returns body with the model value replaced by id, in three
 // pieces to be sent one after the other, so the rewritten body is never
 // built: before and after alias body (no copy; before's capacity ends at
 // the model value, so appending to it cannot overwrite body), and value is
-// id as a JSON string.
+// Quote(id).
 func Splice(body []byte, m Model, id string) (before, value, after []byte) {
-	return body[:m.start:m.start], quote(id), body[m.end:]
+	return body[:m.start:m.start], Quote(id), body[m.end:]
 }
 
-// quote renders id as a JSON string.
-func quote(id string) []byte {
+// Quote renders id as the JSON string that replaces a model value.
+func Quote(id string) []byte {
 	b, err := json.Marshal(id)
 	if err != nil { // a Go string always marshals; keep the compiler honest
 		panic(err)
