@@ -171,7 +171,7 @@ func TestBodyPathCostDoesNotGrowWithBody(t *testing.T) {
 		}
 		smallAllocs, smallBytes := cost(2 << 10)
 		largeAllocs, largeBytes := cost(1 << 20)
-		if largeBytes > 16<<10 {
+		if largeBytes > 16<<10 && !raceEnabled { // CI also runs this test without -race
 			t.Errorf("%s: %d bytes allocated per 1 MB request: the body is being copied", c.kind, largeBytes)
 		}
 		if largeAllocs > smallAllocs+4 {
