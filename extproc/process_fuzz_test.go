@@ -90,7 +90,8 @@ func (s *script) take(n int) []byte {
 
 var (
 	fuzzPaths = []string{"/v1/chat/completions", "/v1/messages", "/v1/models", "/v1/models/Qwen%2FQwen3-1.7B",
-		"/v1/models/nope%0d%0ax-evil:%201", "/v1/completions?x=1", "/admin", "", "/v1/models/"}
+		"/v1/models/nope%0d%0ax-evil:%201", "/v1/completions?x=1", "/admin", "", "/v1/models/",
+		"/models/load", "/models/unload"}
 	fuzzMethods = []string{"POST", "GET", "HEAD", "PUT", ""}
 	fuzzBodies  = []string{
 		`{"model":"helexa/small","messages":[]}`,

@@ -270,6 +270,12 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
 	if h.GetEndOfStream() {
 		return st.bodiless()
 	}
+	if !inferencePath(st.method, st.path) {
+		// Never forward: the neuron serves its management API (/models/load,
+		// /models/unload) on the inference port, and a body naming a cold
+		// model would otherwise cold-load it first.
+		return st.immediate(notRouted(st.method, st.path))
+	}
 	if st.badMode != "" {
 		return st.immediate(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
 			Message: "Envoy's ext_proc filter sends the request body in mode " + st.badMode +
@@ -294,7 +300,28 @@ func (st *stream) bodiless() *extprocv3.ProcessingResponse {
 	if st.method == "POST" {
 		return st.immediate(apierr.InvalidRequest("request body is empty: send a JSON object with a \"model\" field"))
 	}
-	return st.immediate(apierr.NotFound("cortex-extproc routes POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/images/generations and /v1/messages with a JSON body, and answers GET /v1/models; %s %s is none of these", st.method, st.path))
+	return st.immediate(notRouted(st.method, st.path))
+}
+
+// inferencePaths are the only paths routed to a neuron (routing.md, "Only
+// inference is routed"), always with POST and a body.
+var inferencePaths = map[string]bool{
+	"/v1/chat/completions":   true,
+	"/v1/completions":        true,
+	"/v1/responses":          true,
+	"/v1/embeddings":         true,
+	"/v1/images/generations": true,
+	"/v1/messages":           true,
+}
+
+func inferencePath(method, path string) bool { return method == "POST" && inferencePaths[path] }
+
+// notRouted is the 404 for a request cortex-extproc will not forward.
+func notRouted(method, path string) *apierr.Error {
+	if path == "/v1/messages/count_tokens" {
+		return apierr.NotFound("POST /v1/messages/count_tokens is not offered by cortex-extproc: token counting is not available on this fleet; send the request to /v1/messages and read usage.input_tokens from the answer")
+	}
+	return apierr.NotFound("cortex-extproc routes only POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/images/generations and /v1/messages with a JSON body, and answers GET /v1/models; %s %s is none of these and is not forwarded", method, path)
 }
 
 func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *received) (any, error) {

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/extproc"
 	"github.com/helexa/cortex-extproc/fleet"
@@ -550,4 +551,76 @@ func largeExchange(h *harness, body []byte, want string) error {
 		}
 	}
 	return nil
+}
+
+// countingRouter counts Route calls: a request that must not be forwarded
+// must not reach routing either (no decision, no cold load).
+type countingRouter struct {
+	extproc.Router
+	mu    sync.Mutex
+	calls []string
+}
+
+func (c *countingRouter) Route(model string) (routing.Target, routing.Waiter, *apierr.Error) {
+	c.mu.Lock()
+	c.calls = append(c.calls, model)
+	c.mu.Unlock()
+	return c.Router.Route(model)
+}
+
+func TestOnlyInferenceIsRouted(t *testing.T) {
+	cat, snap := fixture()
+	cr := &countingRouter{Router: routing.NewRouter(func() *catalogue.Catalogue { return cat }, func() *fleet.Snapshot { return snap }, nil, nil)}
+	h := start(t, cr, extproc.Options{})
+
+	// The neuron's management API shares the inference port: these must
+	// never be forwarded, and a cold catalogue model in the body must not
+	// be loaded first. The 404 comes at the headers phase, so Envoy never
+	// even sends the body.
+	for _, c := range []struct{ method, path, body string }{
+		{"POST", "/models/unload", `{"model":"helexa/small","model_id":"Qwen/Qwen3-1.7B"}`},
+		{"POST", "/models/load", `{"model":"helexa/large","model_id":"Qwen/Qwen3.6-27B","harness":"candle"}`},
+		{"POST", "/models/load?x=1", `{"model":"helexa/small"}`},
+		{"POST", "/v1/unknown", `{"model":"helexa/large"}`},
+		{"POST", "/v1/chat/completions/", `{"model":"helexa/small"}`},
+		{"POST", "/V1/chat/completions", `{"model":"helexa/small"}`},
+		{"PUT", "/v1/chat/completions", `{"model":"helexa/small"}`},
+		{"GET", "/v1/chat/completions", `{"model":"helexa/small"}`},
+		{"DELETE", "/v1/models/Qwen%2FQwen3-1.7B", `{"model":"helexa/small"}`},
+	} {
+		t.Run(c.method+" "+c.path, func(t *testing.T) {
+			m := post(c.path, []byte(c.body))
+			setMethod(m, c.method)
+			rs := h.exchange(t, m)
+			path, _, _ := strings.Cut(c.path, "?")
+			checkImmediate(t, rs[0], errCase{status: 404, code: "not_found", typ: "invalid_request_error", contains: c.method + " " + path})
+			checkImmediate(t, rs[0], errCase{status: 404, code: "not_found", typ: "invalid_request_error", contains: "/v1/chat/completions"})
+		})
+	}
+	// Anthropic's token counting is not forwarded either, and says so in
+	// Anthropic's shape.
+	rs := h.exchange(t, post("/v1/messages/count_tokens", []byte(`{"model":"helexa/small"}`)))
+	ir := rs[0].GetImmediateResponse()
+	if ir.GetStatus().GetCode() != 404 || !bytes.Contains(ir.GetBody(), []byte(`"not_found_error"`)) || !bytes.Contains(ir.GetBody(), []byte("count_tokens is not offered")) {
+		t.Errorf("count_tokens: %d %s", ir.GetStatus().GetCode(), ir.GetBody())
+	}
+	if len(cr.calls) != 0 {
+		t.Errorf("router consulted for a request that is not forwarded: %q", cr.calls)
+	}
+
+	// The inference paths themselves still route (query strings ignored).
+	body := []byte(`{"model":"helexa/small"}`)
+	rs = h.exchange(t, post("/v1/chat/completions?stream=1", body), bodyMsg(body))
+	if rs[1].GetRequestBody() == nil || len(cr.calls) != 1 {
+		t.Errorf("inference request not routed: %v (router calls %q)", rs[1], cr.calls)
+	}
+}
+
+// setMethod replaces :method in a request-headers message.
+func setMethod(m *extprocv3.ProcessingRequest, method string) {
+	for _, kv := range m.GetRequestHeaders().GetHeaders().GetHeaders() {
+		if kv.GetKey() == ":method" {
+			kv.RawValue = []byte(method)
+		}
+	}
 }
