@@ -161,6 +161,7 @@ func (c *checker) addf(path, format string, args ...any) {
 // only to an HCM that runs ext_proc.
 func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv3.HttpConnectionManager) int {
 	var extProcs []*extprocv3.ExternalProcessor
+	var extProcNames []string // keys of their typed_per_filter_config
 	routerAt := -1
 	for i, hf := range hcm.GetHttpFilters() {
 		fpath := fmt.Sprintf("%s.http_filters[%d](%s)", path, i, hf.GetName())
@@ -170,6 +171,7 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 			}
 			c.checkExtProc(fpath+".typed_config", ep)
 			extProcs = append(extProcs, ep)
+			extProcNames = append(extProcNames, hf.GetName())
 		}
 		if _, ok := unpack[*routerv3.Router](hf.GetTypedConfig()); ok {
 			routerAt = i
@@ -200,9 +202,15 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 			//lint:ignore SA1019 the deprecated limit is still honoured by Envoy.
 			c.checkRouteBodyLimits(vpath, vh.GetRequestBodyBufferLimit(), vh.GetPerRequestBufferLimitBytes())
 		}
+		var first forwardRoute // the virtual host's first forwarding route
 		for ri, r := range vh.GetRoutes() {
 			rpath := fmt.Sprintf("%s.routes[%d]", vpath, ri)
 			ra := r.GetRoute()
+			if inference {
+				c.checkRouteScope(rpath, hcm, vh, r, extProcNames, &first)
+			} else if h := ra.GetClusterHeader(); h != "" {
+				c.addf(rpath+".route.cluster_header", "takes its cluster from request header %q, but this connection manager has no ext_proc filter, so only the client sets it: any client could reach any cluster, a neuron's /models/load included", h)
+			}
 			if ra == nil {
 				continue // redirect / direct_response: no upstream
 			}
@@ -249,6 +257,59 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 		}
 	}
 	return len(extProcs)
+}
+
+// checkRouteScope enforces "only inference is routed" (routing.md) on one
+// route of a connection manager that runs ext_proc: a route that forwards
+// must match an inference path exactly, or GET /v1/models[/{id}], and run
+// ext_proc; a route Envoy answers itself must switch ext_proc off, since
+// the router (last in the chain) sends direct responses only after
+// ext_proc has seen the request. first is the virtual host's first
+// forwarding route, whose timeouts every later one must share.
+func (c *checker) checkRouteScope(rpath string, hcm *hcmv3.HttpConnectionManager, vh *routev3.VirtualHost, r *routev3.Route, extProcNames []string, first *forwardRoute) {
+	rc := hcm.GetRouteConfig()
+	disabled := ""
+	for _, name := range extProcNames {
+		if extProcDisabled(name, rc, vh, r) {
+			disabled = name
+		}
+	}
+	ra := r.GetRoute()
+	if ra == nil {
+		if (r.GetDirectResponse() != nil || r.GetRedirect() != nil) && disabled == "" && len(extProcNames) > 0 {
+			c.addf(rpath+".typed_per_filter_config", "the route answers itself (direct_response or redirect), but Envoy's router sends that answer only after ext_proc has run, so cortex-extproc still sees the request: add typed_per_filter_config {%s: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute, disabled: true}}", extProcNames[0])
+		}
+		return
+	}
+	if ok, what := forwardable(r.GetMatch()); !ok {
+		c.addf(rpath+".match", "%s forwards to an upstream cluster, but only POST %s and GET %s, %s{id} may be routed: the neurons serve their management API (/models/load, /models/unload) on the same port; match each of those paths exactly (path: /v1/chat/completions, …) and answer everything else with a last route {match: {prefix: \"/\"}, direct_response: {status: 404, …}} (see envoy/envoy.yaml)",
+			what, strings.Join(inferencePaths, ", "), modelsPath, modelsPrefix)
+	} else if r.GetMatch().GetPrefix() == modelsPrefix && !hcm.GetNormalizePath().GetValue() {
+		c.addf(rpath+".match", "prefix %q also matches %s../../models/load, which an upstream that resolves dot segments serves as its management API: set normalize_path: true on the HTTP connection manager", modelsPrefix, modelsPrefix)
+	}
+	if disabled != "" {
+		c.addf(rpath+".typed_per_filter_config", "%s is disabled on a route that forwards: requests would reach the upstream without cortex-extproc choosing or checking them; only routes with a direct_response may switch ext_proc off", disabled)
+	}
+	if first.action == nil {
+		*first = forwardRoute{rpath, ra}
+		return
+	}
+	if f := first.action; !proto.Equal(f.GetTimeout(), ra.GetTimeout()) || !proto.Equal(f.GetIdleTimeout(), ra.GetIdleTimeout()) {
+		c.addf(rpath+".route", "timeout %s / idle_timeout %s differ from %s (%s / %s): Envoy re-applies the matched route's timeouts when ext_proc clears the route cache; give every forwarding route the same ones (the shipped configs share one action, &neuron)",
+			durString(ra.GetTimeout()), durString(ra.GetIdleTimeout()), first.rpath, durString(f.GetTimeout()), durString(f.GetIdleTimeout()))
+	}
+}
+
+type forwardRoute struct {
+	rpath  string
+	action *routev3.RouteAction
+}
+
+func durString(d *durationpb.Duration) string {
+	if d == nil {
+		return "unset"
+	}
+	return d.AsDuration().String()
 }
 
 func (c *checker) checkExtProc(path string, ep *extprocv3.ExternalProcessor) {

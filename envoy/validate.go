@@ -9,7 +9,10 @@
 //  3. the semantics cortex-extproc relies on and PGV cannot express: modes
 //     and timeouts of the ext_proc filter, route timeouts long enough for
 //     cold loads and SSE streams, routes naming existing clusters, the
-//     ORIGINAL_DST rules, HTTP/2 to the ext_proc server.
+//     ORIGINAL_DST rules, HTTP/2 to the ext_proc server, and that only
+//     inference paths and the model list are forwarded (everything else,
+//     the neurons' /models/load and /models/unload included, must get a
+//     direct response with ext_proc off).
 //
 // The schema is go-control-plane's envoy module (v1.40 at the time of
 // writing). It accepts fields newer than an older Envoy knows; the configs

@@ -284,6 +284,58 @@ func TestBrokenConfigsFailWithFieldAndReason(t *testing.T) {
 		{"ADS cluster without HTTP/2",
 			replaceLast(t, xds, "http2_protocol_options: {}", "http_protocol_options: {}"),
 			[]string{"ads_config.grpc_services[0]", `"xds" speaks HTTP/1.1`}},
+		{"catch-all route forwarding again",
+			mutate(t, static, "              # Local 404s,", "              - match: { prefix: \"/\" }\n                route: *neuron\n              # Local 404s,"),
+			[]string{"routes[8].match", `prefix "/" forwards to an upstream cluster`, "/models/load", "direct_response"}},
+		{"management API routed",
+			mutate(t, static, "              # Local 404s,", "              - match: { path: /models/load }\n                route: *neuron\n              # Local 404s,"),
+			[]string{"routes[8].match", `path "/models/load" forwards`}},
+		{"ORIGINAL_DST catch-all forwarding",
+			mutate(t, origDst, "              # Local 404s,", "              - match: { prefix: \"/\" }\n                route: *neuron\n              # Local 404s,"),
+			[]string{"routes[8].match", `prefix "/" forwards`}},
+		{"a prefix instead of exact inference paths",
+			mutate(t, static, "path: /v1/chat/completions, headers: &post", "prefix: /v1/, headers: &post"),
+			[]string{"routes[0].match", `prefix "/v1/" forwards`, "match each of those paths exactly"}},
+		{"models prefix without path normalization",
+			mutate(t, static, "normalize_path: true", "normalize_path: false"),
+			[]string{"routes[7].match", "../../models/load", "normalize_path: true"}},
+		{"404 route still runs ext_proc",
+			replaceLast(t, static, "                typed_per_filter_config: *no_ext_proc\n", ""),
+			[]string{"routes[9].typed_per_filter_config", "cortex-extproc still sees the request", "disabled: true"}},
+		{"ext_proc disabled for the whole virtual host",
+			mutate(t, static, `              domains: ["*"]`, `              domains: ["*"]
+              typed_per_filter_config:
+                envoy.filters.http.ext_proc:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+                  disabled: true`),
+			[]string{"routes[0].typed_per_filter_config", "envoy.filters.http.ext_proc is disabled on a route that forwards"}},
+		{"forwarding routes with different idle timeouts",
+			mutate(t, static, "              - match: { prefix: /v1/models/, headers: *get }\n                route: *neuron",
+				"              - match: { prefix: /v1/models/, headers: *get }\n                route: { cluster_header: x-cortex-cluster, timeout: 0s, idle_timeout: 7200s }"),
+			[]string{"routes[7].route", "idle_timeout 2h0m0s differ from", "routes[0] (0s / 1h5m0s)"}},
+		{"header-routed listener without ext_proc",
+			mutate(t, static, "  listeners:\n", `  listeners:
+  - name: side_8081
+    address: { socket_address: { address: 0.0.0.0, port_value: 8081 } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: side
+          route_config:
+            virtual_hosts:
+            - name: side
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster_header: x-cortex-cluster }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+`),
+			[]string{"listeners[0](side_8081)", "routes[0].route.cluster_header", "only the client sets it"}},
 		{"ADS pointing at a missing cluster",
 			mutate(t, xds, "envoy_grpc: { cluster_name: xds }", "envoy_grpc: { cluster_name: xds2 }"),
 			[]string{"ads_config.grpc_services[0]", `"xds2"`}},
