@@ -118,7 +118,7 @@ func bodyPath(tb testing.TB, s *Server, hm *extprocv3.HttpHeaders, wire mem.Buff
 		e.pieces.Free() // what gRPC does once the reply is written
 	}
 	msg.release()
-	st.target.Release()
+	st.lease.Release()
 	return took
 }
 
@@ -129,7 +129,7 @@ func BenchmarkDecide(b *testing.B) {
 	var took []time.Duration
 	for b.Loop() {
 		start := time.Now()
-		if _, err := routing.Decide(cat, snap, "fleet/small"); err != nil {
+		if _, err := routing.Decide(cat, snap, nil, "fleet/small"); err != nil {
 			b.Fatal(err)
 		}
 		took = append(took, time.Since(start))

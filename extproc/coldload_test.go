@@ -78,7 +78,7 @@ func (n fakeNeuron) Load(ctx context.Context, spec neuron.LoadSpec) error {
 }
 
 // markLoaded plays the poller's owner: publish a snapshot with the model loaded.
-func (f *coldFleet) markLoaded(_ context.Context, node, model string) error {
+func (f *coldFleet) markLoaded(_ context.Context, node, model string, _ []int, _ int64) error {
 	old := f.snap.Load()
 	s := &fleet.Snapshot{Round: old.Round + 1}
 	for _, n := range old.Nodes {

@@ -31,18 +31,20 @@ import (
 // finishes (the server's own wait budget ends it).
 type fuzzRouter struct{ inner *routing.Router }
 
-func (r fuzzRouter) Route(model string) (routing.Target, routing.Waiter, *apierr.Error) {
+func (r fuzzRouter) Route(model string, lease *routing.Lease) (routing.Target, routing.Waiter, *apierr.Error) {
 	if strings.HasPrefix(model, "wait/") {
 		return routing.Target{}, fuzzWaiter(model), nil
 	}
-	return r.inner.Route(model)
+	return r.inner.Route(model, lease)
 }
 
 type fuzzWaiter string
 
 func (w fuzzWaiter) Model() string { return string(w) }
 
-func (w fuzzWaiter) Wait(ctx context.Context) (routing.Target, *apierr.Error) {
+func (w fuzzWaiter) Leave() {}
+
+func (w fuzzWaiter) Wait(ctx context.Context, _ *routing.Lease) (routing.Target, *apierr.Error) {
 	switch {
 	case strings.HasPrefix(string(w), "wait/ok"):
 		return routing.Target{Requested: string(w), Model: string(w), Node: "beast", Cluster: "neuron-beast",

@@ -37,9 +37,11 @@ const (
 	HeaderColdStart   = "x-cortex-cold-start"
 )
 
-// Router decides where a request goes (routing.Router in production).
+// Router decides where a request goes (routing.Router in production). A
+// routed request is counted in flight on its target into lease, which the
+// stream owns and releases once the upstream answered or the stream ended.
 type Router interface {
-	Route(model string) (routing.Target, routing.Waiter, *apierr.Error)
+	Route(model string, lease *routing.Lease) (routing.Target, routing.Waiter, *apierr.Error)
 }
 
 // ModelList answers GET /v1/models and GET /v1/models/{id} (JSON bodies).
@@ -169,7 +171,10 @@ type stream struct {
 	bodyDone  bool
 	badMode   string // non-empty when Envoy's body mode cannot route
 	target    routing.Target
-	parts     *replyParts // set once routed
+	// lease counts the request in flight on its target (eviction never
+	// picks such a model) until the upstream answered or the stream ended.
+	lease routing.Lease
+	parts *replyParts // set once routed
 	// W3C trace context, read only while tracing is on.
 	traceparent, tracestate string
 	span                    trace.Span
@@ -187,7 +192,7 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 		defer s.opt.Observer.StreamEnded()
 	}
 	st := &stream{srv: s, grpc: g}
-	defer st.target.Release()
+	defer st.lease.Release()
 	ctx := g.Context()
 	for {
 		msg := new(received)
@@ -346,7 +351,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *r
 	if aerr != nil {
 		return st.decided(nil, aerr, start), nil
 	}
-	t, waiter, aerr := st.srv.router.Route(m.ID)
+	t, waiter, aerr := st.srv.router.Route(m.ID, &st.lease)
 	if aerr != nil {
 		return st.decided(&t, aerr, start), nil
 	}
@@ -378,17 +383,14 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *r
 func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *apierr.Error, bool) {
 	override, budget := st.srv.WaitBudget()
 	if err := st.grpc.Send(&extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(override)}); err != nil {
-		// Still give the waiter slot back.
-		cctx, cancel := context.WithCancel(ctx)
-		cancel()
-		w.Wait(cctx)
+		w.Leave() // the stream is gone: give the waiter slot back
 		return routing.Target{}, nil, false
 	}
 	wctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 	start := time.Now()
 	_, span := tracing.StartWait(ctx, w.Model())
-	t, err := w.Wait(wctx)
+	t, err := w.Wait(wctx, &st.lease)
 	tracing.EndWait(span, err)
 	if o := st.srv.opt.Observer; o != nil {
 		o.Waited(w.Model(), time.Since(start), err)
@@ -396,7 +398,7 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 	if ctx.Err() != nil {
 		st.srv.log.Info("client went away while waiting for a cold load; the load continues for others",
 			"request_id", st.requestID, "model", w.Model(), "waited_ms", time.Since(start).Milliseconds())
-		t.Release()
+		st.lease.Release()
 		return routing.Target{}, nil, false
 	}
 	if err != nil && wctx.Err() != nil {
@@ -441,7 +443,7 @@ func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time)
 func (st *stream) responseHeaders() any {
 	// The upstream has answered: the request no longer blocks an eviction
 	// through us (the neuron's own in_flight covers the rest of a stream).
-	st.target.Release()
+	st.lease.Release()
 	if st.parts == nil {
 		return plainResponseHeaders
 	}

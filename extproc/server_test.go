@@ -561,11 +561,11 @@ type countingRouter struct {
 	calls []string
 }
 
-func (c *countingRouter) Route(model string) (routing.Target, routing.Waiter, *apierr.Error) {
+func (c *countingRouter) Route(model string, lease *routing.Lease) (routing.Target, routing.Waiter, *apierr.Error) {
 	c.mu.Lock()
 	c.calls = append(c.calls, model)
 	c.mu.Unlock()
-	return c.Router.Route(model)
+	return c.Router.Route(model, lease)
 }
 
 func TestOnlyInferenceIsRouted(t *testing.T) {

@@ -1,54 +1,50 @@
 package fleet
 
 import (
+	"errors"
+	"slices"
 	"testing"
-
-	"github.com/helexa/cortex-extproc/neuron"
+	"time"
 )
 
-// An eviction hides its victim at once, and polls taken while the neuron is
-// still unloading (they list it resident) do not bring it back: routing
-// there would reach a neuron that is about to lose the model.
-func TestMarkUnloadedHidesUntilTheNeuronConfirms(t *testing.T) {
-	api := newFakeAPI(loaded("victim"), loaded("keep"))
+// A finished cold load is listed with the devices and VRAM it took, so that
+// placement and eviction see the node as it now is, not as the last poll
+// saw it before the load.
+func TestMarkLoadedRecordsDevicesAndVRAM(t *testing.T) {
+	api := newFakeAPI(loaded("old"))
+	api.endpoints["fresh"] = "http://10.0.0.1:8002"
 	h := start(t, PollerConfig{}, Neuron{Name: "a", Endpoint: "http://a:1", API: api})
-
-	if err := h.p.MarkUnloaded(h.ctx, "a", "victim"); err != nil {
+	if err := h.p.MarkLoaded(h.ctx, "a", "fresh", []int{1, 2}, 20000); err != nil {
 		t.Fatal(err)
 	}
-	if h.node("a").Model("victim") != nil || h.node("a").Model("keep") == nil {
-		t.Fatal("MarkUnloaded did not hide exactly the victim")
+	m := h.node("a").Model("fresh")
+	if m == nil || !slices.Equal(m.Devices, []int{1, 2}) || m.VRAMUsedMB == nil || *m.VRAMUsedMB != 20000 {
+		t.Fatalf("after MarkLoaded: %+v; want devices [1 2], 20000 MB", m)
 	}
-	// The unload is still running: the neuron lists it resident.
-	if h.poll(2).Node("a").Model("victim") != nil {
-		t.Fatal("a poll taken during the unload put the victim back")
+	// A model the neuron already listed keeps what it reported when the
+	// load does not say.
+	if err := h.p.MarkLoaded(h.ctx, "a", "old", nil, 0); err != nil {
+		t.Fatal(err)
 	}
-	// The neuron confirms: the hide is over, and a later reload shows.
-	api.set(func(f *fakeAPI) { f.models = []neuron.Model{loaded("keep")} })
-	h.poll(1)
-	api.set(func(f *fakeAPI) { f.models = []neuron.Model{loaded("keep"), loaded("victim")} })
-	if h.poll(1).Node("a").Model("victim") == nil {
-		t.Fatal("the model reloaded after a confirmed unload stays hidden")
-	}
-	if err := h.p.MarkUnloaded(h.ctx, "nope", "x"); err == nil {
-		t.Error("MarkUnloaded on an unknown node: no error")
+	if m := h.node("a").Model("old"); m.VRAMUsedMB != nil {
+		t.Fatalf("MarkLoaded without figures invented VRAM: %+v", m)
 	}
 }
 
-// An eviction that did not happen is undone with MarkLoaded.
-func TestMarkLoadedUndoesMarkUnloaded(t *testing.T) {
-	api := newFakeAPI(loaded("victim"))
+// The snapshot says when its readings were requested: the ledger keeps a
+// load or unload the neuron confirmed after that instant.
+func TestReadingsCarryTheirRequestTime(t *testing.T) {
+	api := newFakeAPI(loaded("m"))
 	h := start(t, PollerConfig{}, Neuron{Name: "a", Endpoint: "http://a:1", API: api})
-	if err := h.p.MarkUnloaded(h.ctx, "a", "victim"); err != nil {
-		t.Fatal(err)
+	before := time.Now()
+	n := h.poll(1).Node("a")
+	if n.HealthAt.Before(before) || n.ModelsAt.Before(n.HealthAt) {
+		t.Fatalf("HealthAt %v ModelsAt %v, poll started after %v", n.HealthAt, n.ModelsAt, before)
 	}
-	if err := h.p.MarkLoaded(h.ctx, "a", "victim"); err != nil {
-		t.Fatal(err)
-	}
-	if m := h.node("a").Model("victim"); m == nil || m.Endpoint == "" {
-		t.Fatalf("after MarkLoaded: %+v, want it listed with its endpoint", m)
-	}
-	if h.poll(2).Node("a").Model("victim") == nil {
-		t.Fatal("a poll after MarkLoaded hid it again")
+	// A failed /health keeps the older reading and its time.
+	api.set(func(f *fakeAPI) { f.healthErr = errors.New("timeout") })
+	n2 := h.poll(1).Node("a")
+	if !n2.HealthAt.Equal(n.HealthAt) || !n2.ModelsAt.After(n.ModelsAt) {
+		t.Fatalf("after a failed /health: HealthAt %v (was %v), ModelsAt %v (was %v)", n2.HealthAt, n.HealthAt, n2.ModelsAt, n.ModelsAt)
 	}
 }

@@ -115,31 +115,38 @@ type nodeState struct {
 	disc      *neuron.Discovery
 	discErr   string
 	health    *neuron.Health
+	healthAt  time.Time // when the request for health was sent
 	healthErr string
 	models    []neuron.Model // sorted by ID, unique IDs
+	modelsAt  time.Time      // when the request for models was sent
 
 	endpoints   map[string]string // model -> resolved inference URL
 	endpointErr map[string]string // model -> last resolution error, for log-once
 	unknown     map[string]neuron.Status
 	// marks are MarkLoaded calls (model -> seq) not yet confirmed by a poll
 	// that started after them.
-	marks map[string]uint64
-	// gone are MarkUnloaded calls (model -> seq): hidden until a poll that
-	// started after the call shows the model not resident, or MarkLoaded.
-	gone map[string]uint64
+	marks map[string]mark
+}
+
+// mark is a MarkLoaded call: what the load put where.
+type mark struct {
+	seq     uint64
+	devices []int
+	vramMB  int64
 }
 
 type request struct {
-	kind  int // reqPoll | reqMark | reqUnmark
-	node  string
-	model string
-	reply chan error
+	kind    int // reqPoll | reqMark
+	node    string
+	model   string
+	devices []int
+	vramMB  int64
+	reply   chan error
 }
 
 const (
 	reqPoll = iota
 	reqMark
-	reqUnmark
 )
 
 type roundState struct {
@@ -165,11 +172,13 @@ type pollResult struct {
 	key       *nodeState
 	seq       uint64
 	health    *neuron.Health
+	healthAt  time.Time
 	healthErr error
 	restarted bool
 	disc      *neuron.Discovery // non-nil when fetched this round
 	discErr   error
 	models    []neuron.Model
+	modelsAt  time.Time
 	modelsErr error
 	endpoints map[string]endpointAnswer
 }
@@ -267,22 +276,13 @@ func (p *Poller) PollNow(ctx context.Context) error {
 }
 
 // MarkLoaded records that modelID just finished loading on node, without
-// waiting for the next poll: status loaded, servable, and its endpoint
-// resolved if not already known. It returns once the snapshot showing it is
-// published. A poll that started before the mark and still shows the model
-// not resident does not undo it.
-func (p *Poller) MarkLoaded(ctx context.Context, node, modelID string) error {
-	return p.call(ctx, request{kind: reqMark, node: node, model: modelID})
-}
-
-// MarkUnloaded hides modelID on node from the snapshot at once: an eviction
-// is about to unload it, and a request routed there meanwhile would reach a
-// neuron that no longer has it. It stays hidden until a poll that started
-// after the call shows it not resident (polls taken during the unload still
-// list it), or until MarkLoaded puts it back (the unload did not happen). It
-// returns once the snapshot without it is published.
-func (p *Poller) MarkUnloaded(ctx context.Context, node, modelID string) error {
-	return p.call(ctx, request{kind: reqUnmark, node: node, model: modelID})
+// waiting for the next poll: status loaded, servable, on devices with
+// vramMB in all (when known: 0 keeps what the neuron reported), and its
+// endpoint resolved if not already known. It returns once the snapshot
+// showing it is published. A poll that started before the mark and still
+// shows the model not resident does not undo it.
+func (p *Poller) MarkLoaded(ctx context.Context, node, modelID string, devices []int, vramMB int64) error {
+	return p.call(ctx, request{kind: reqMark, node: node, model: modelID, devices: slices.Clone(devices), vramMB: vramMB})
 }
 
 // SetNeurons replaces the configured neurons (config reload). A removed
@@ -344,8 +344,6 @@ func (p *Poller) handle(r request) {
 		}
 	case reqMark:
 		p.mark(r)
-	case reqUnmark:
-		p.unmark(r)
 	}
 }
 
@@ -394,8 +392,7 @@ func (p *Poller) applyNeurons(neurons []Neuron, reload bool) {
 			endpoints:   map[string]string{},
 			endpointErr: map[string]string{},
 			unknown:     map[string]neuron.Status{},
-			marks:       map[string]uint64{},
-			gone:        map[string]uint64{},
+			marks:       map[string]mark{},
 		}
 		if reload {
 			p.log.Info("neuron added to config; unhealthy until its first successful poll", "node", name, "endpoint", n.Endpoint)
@@ -482,6 +479,7 @@ func pollNode(ctx context.Context, in pollInput, timeout time.Duration) pollResu
 		return f(cctx)
 	}
 
+	r.healthAt = time.Now()
 	r.healthErr = call(func(ctx context.Context) error {
 		h, err := in.api.Health(ctx)
 		if err == nil && h == nil {
@@ -512,6 +510,7 @@ func pollNode(ctx context.Context, in pollInput, timeout time.Duration) pollResu
 		}
 	}
 
+	r.modelsAt = time.Now()
 	r.modelsErr = call(func(ctx context.Context) error {
 		ms, err := in.api.Models(ctx)
 		r.models = ms
@@ -583,7 +582,7 @@ func (p *Poller) apply(ns *nodeState, r pollResult) {
 				"node", name, "uptime_secs", r.health.UptimeSecs, "previous_uptime_secs", ns.health.UptimeSecs)
 			clear(ns.endpoints)
 		}
-		ns.health = r.health
+		ns.health, ns.healthAt = r.health, r.healthAt
 	}
 
 	if r.discErr != nil {
@@ -637,9 +636,10 @@ func (p *Poller) apply(ns *nodeState, r pollResult) {
 		p.cfg.OnPoll(name, true)
 	}
 
+	ns.modelsAt = r.modelsAt
 	models := r.models
-	for id, markSeq := range ns.marks {
-		if markSeq < r.seq {
+	for id, mk := range ns.marks {
+		if mk.seq < r.seq {
 			// This poll started after the mark: it is the truth now.
 			delete(ns.marks, id)
 			continue
@@ -651,17 +651,7 @@ func (p *Poller) apply(ns *nodeState, r pollResult) {
 			delete(ns.marks, id)
 			continue
 		}
-		models = upsertLoaded(models, id)
-	}
-	for id, goneSeq := range ns.gone {
-		i, found := slices.BinarySearchFunc(models, id, func(m neuron.Model, id string) int { return cmp.Compare(m.ID, id) })
-		if goneSeq < r.seq && (!found || !models[i].Status.Resident()) {
-			delete(ns.gone, id) // the neuron confirms the unload
-			continue
-		}
-		if found {
-			models = slices.Delete(slices.Clone(models), i, i+1)
-		}
+		models = upsertLoaded(models, id, mk)
 	}
 	p.setModels(ns, models)
 
@@ -732,10 +722,11 @@ func (p *Poller) setEndpoint(ns *nodeState, model string, a endpointAnswer) {
 	ns.endpoints[model] = a.url
 }
 
-// upsertLoaded returns models (sorted by id) with id marked loaded and
-// servable, adding an entry if the neuron did not list it. The input slice
-// may belong to a published snapshot, so it is copied, never written.
-func upsertLoaded(models []neuron.Model, id string) []neuron.Model {
+// upsertLoaded returns models (sorted by id) with id marked loaded,
+// servable and on the devices the load used, adding an entry if the neuron
+// did not list it. The input slice may belong to a published snapshot, so
+// it is copied, never written.
+func upsertLoaded(models []neuron.Model, id string, mk mark) []neuron.Model {
 	out := slices.Clone(models)
 	i, found := slices.BinarySearchFunc(out, id, func(m neuron.Model, id string) int { return cmp.Compare(m.ID, id) })
 	if !found {
@@ -743,6 +734,13 @@ func upsertLoaded(models []neuron.Model, id string) []neuron.Model {
 	}
 	out[i].Status = neuron.StatusLoaded
 	out[i].Servable = nil
+	if len(mk.devices) > 0 {
+		out[i].Devices = mk.devices
+	}
+	if mk.vramMB > 0 {
+		v := mk.vramMB
+		out[i].VRAMUsedMB = &v
+	}
 	return out
 }
 
@@ -753,9 +751,9 @@ func (p *Poller) mark(r request) {
 		return
 	}
 	p.seq++
-	ns.marks[r.model] = p.seq
-	delete(ns.gone, r.model)
-	p.setModels(ns, upsertLoaded(ns.models, r.model))
+	mk := mark{seq: p.seq, devices: r.devices, vramMB: r.vramMB}
+	ns.marks[r.model] = mk
+	p.setModels(ns, upsertLoaded(ns.models, r.model, mk))
 	p.publish()
 	if _, ok := ns.endpoints[r.model]; ok {
 		r.reply <- nil
@@ -778,20 +776,6 @@ func (p *Poller) mark(r request) {
 		case <-ctx.Done():
 		}
 	}()
-}
-
-func (p *Poller) unmark(r request) {
-	ns := p.nodes[r.node]
-	if ns == nil {
-		r.reply <- fmt.Errorf("mark %q unloaded: no neuron named %q is configured", r.model, r.node)
-		return
-	}
-	p.seq++
-	ns.gone[r.model] = p.seq
-	delete(ns.marks, r.model)
-	p.setModels(ns, slices.DeleteFunc(slices.Clone(ns.models), func(m neuron.Model) bool { return m.ID == r.model }))
-	p.publish()
-	r.reply <- nil
 }
 
 func (p *Poller) finishResolve(res resolveResult) {
@@ -829,6 +813,8 @@ func (ns *nodeState) node() *Node {
 		LastError:           ns.lastErr,
 		Discovery:           ns.disc,
 		Health:              ns.health,
+		HealthAt:            ns.healthAt,
+		ModelsAt:            ns.modelsAt,
 		Models:              make([]*Model, 0, len(ns.models)),
 	}
 	var busy map[string]neuron.ModelHealth

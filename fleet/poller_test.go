@@ -302,7 +302,7 @@ func TestSnapshotBeforeFirstRoundAndReady(t *testing.T) {
 	if err := p.PollNow(context.Background()); !errors.Is(err, ErrStopped) {
 		t.Errorf("PollNow after stop = %v, want ErrStopped", err)
 	}
-	if err := p.MarkLoaded(context.Background(), "a", "m"); !errors.Is(err, ErrStopped) {
+	if err := p.MarkLoaded(context.Background(), "a", "m", nil, 0); !errors.Is(err, ErrStopped) {
 		t.Errorf("MarkLoaded after stop = %v, want ErrStopped", err)
 	}
 }
@@ -607,14 +607,14 @@ func TestMarkLoaded(t *testing.T) {
 	h := start(t, PollerConfig{}, Neuron{Name: "a", Endpoint: "http://a:1", API: api}, Neuron{Name: "b", Endpoint: "http://b:1", API: newFakeAPI()})
 	round := h.p.Snapshot().Round
 
-	if err := h.p.MarkLoaded(h.ctx, "a", "fresh"); err != nil {
+	if err := h.p.MarkLoaded(h.ctx, "a", "fresh", nil, 0); err != nil {
 		t.Fatalf("MarkLoaded: %v", err)
 	}
 	m := h.node("a").Model("fresh")
 	if m == nil || m.Status != neuron.StatusLoaded || !m.IsServable() || m.Endpoint != "http://10.0.0.1:8002" {
 		t.Fatalf("after MarkLoaded: %+v; want loaded, servable, endpoint resolved", m)
 	}
-	if err := h.p.MarkLoaded(h.ctx, "a", "u"); err != nil {
+	if err := h.p.MarkLoaded(h.ctx, "a", "u", nil, 0); err != nil {
 		t.Fatal(err)
 	}
 	if m := h.node("a").Model("u"); m.Status != neuron.StatusLoaded || !m.IsServable() || m.Endpoint == "" {
@@ -623,7 +623,7 @@ func TestMarkLoaded(t *testing.T) {
 	if h.p.Snapshot().Round != round || h.node("b").Model("fresh") != nil {
 		t.Error("MarkLoaded ran a round or touched another node")
 	}
-	if err := h.p.MarkLoaded(h.ctx, "nope", "x"); err == nil || !strings.Contains(err.Error(), "nope") {
+	if err := h.p.MarkLoaded(h.ctx, "nope", "x", nil, 0); err == nil || !strings.Contains(err.Error(), "nope") {
 		t.Errorf("MarkLoaded on unknown node: %v", err)
 	}
 
@@ -644,7 +644,7 @@ func TestMarkLoadedSurvivesPollStartedBefore(t *testing.T) {
 	go func() { pollDone <- h.p.PollNow(h.ctx) }()
 	<-entered // the round has read nothing yet from /models
 
-	if err := h.p.MarkLoaded(h.ctx, "a", "m"); err != nil {
+	if err := h.p.MarkLoaded(h.ctx, "a", "m", nil, 0); err != nil {
 		t.Fatal(err)
 	}
 	if h.node("a").Model("m").Status != neuron.StatusLoaded {

@@ -96,6 +96,12 @@ type Node struct {
 	// Health is the last good /health reading (a failed /health poll keeps
 	// the previous one), nil if none yet.
 	Health *neuron.Health
+	// HealthAt and ModelsAt are when the requests that produced Health and
+	// the Models listing were sent: a load or unload that the neuron
+	// confirmed before that instant is reflected in them. The VRAM ledger
+	// (routing) reconciles its commitments against these.
+	HealthAt time.Time
+	ModelsAt time.Time
 	// Models as the neuron last listed them, sorted by ID.
 	Models []*Model
 }

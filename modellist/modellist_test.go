@@ -19,7 +19,7 @@ const catalogueTOML = `
 [[models]]
 id = "Qwen/Qwen3.6-27B"
 harness = "candle"
-vram_mb = 54000
+vram_mb = 45000
 min_devices = 2
 min_device_vram_mb = 24000
 pinned_on = ["beast"]

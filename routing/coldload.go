@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -31,9 +32,7 @@ const (
 // the nodes'; the cool-down then lets later requests try the remaining ones.
 const maxLoadAttempts = 2
 
-// healthTimeout bounds the fresh /health read taken before deciding
-// evictions and after each one; without an answer we fall back to the
-// snapshot and to adding up what the evictions freed.
+// healthTimeout bounds the fresh /health read taken before a load.
 const healthTimeout = 10 * time.Second
 
 // markLoadedTimeout bounds the hand-off of "model just loaded" to the fleet owner.
@@ -91,12 +90,12 @@ type ColdLoadDeps struct {
 	Fleet     func() *fleet.Snapshot
 	Neuron    func(node string) neuron.API // nil if unknown
 	// MarkLoaded tells the fleet owner the model is resident on node now,
-	// so requests released from the wait find it without the next poll.
-	MarkLoaded func(ctx context.Context, node, model string) error
-	// MarkUnloaded hides a model the loader is about to evict from the
-	// fleet view, so requests stop going there before the next poll; may
-	// be nil.
-	MarkUnloaded func(ctx context.Context, node, model string) error
+	// on devices with vramMB in all, so requests released from the wait
+	// find it without the next poll.
+	MarkLoaded func(ctx context.Context, node, model string, devices []int, vramMB int64) error
+	// FleetChanged, when set, signals each new fleet snapshot (the
+	// poller's Changed): the ledger is reconciled with every poll.
+	FleetChanged func() <-chan struct{}
 	Usage        *Usage
 	Log          *slog.Logger
 	Observer     ColdLoadObserver // may be nil
@@ -129,10 +128,15 @@ type ColdLoader struct {
 
 	waiters atomic.Int64 // across all flights
 
-	mu        sync.Mutex
-	closed    bool
-	flights   map[string]*flight       // by model
-	nodeLocks map[string]chan struct{} // one evict-and-load sequence per node
+	// ledger is what loads and evictions have committed on each device
+	// beyond the last poll; placement reads only its view.
+	ledger *Ledger
+
+	// mu serialises planning: a plan and the commitments it takes are one
+	// step, so the next plan sees them.
+	mu      sync.Mutex
+	closed  bool
+	flights map[string]*flight // by model
 
 	// failMu is separate from mu because placement, which Join runs under
 	// mu, reads the cool-downs.
@@ -155,6 +159,10 @@ type flight struct {
 	// Set before done is closed.
 	resNode string
 	resErr  *apierr.Error
+	// pin counts the fresh model in flight on its node from the moment it
+	// is marked loaded until every waiter holds its own lease (or left):
+	// nothing evicts it before the requests that waited for it are routed.
+	pin Lease
 }
 
 // Flight is one request's place in a flight. Wait must be called exactly
@@ -169,17 +177,16 @@ type Flight struct {
 func NewColdLoader(cfg ColdLoadConfig, deps ColdLoadDeps) *ColdLoader {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &ColdLoader{
-		cfg:       cfg.withDefaults(),
-		deps:      deps,
-		log:       deps.Log,
-		obs:       deps.Observer,
-		usage:     deps.Usage,
-		now:       time.Now,
-		ctx:       ctx,
-		cancel:    cancel,
-		flights:   map[string]*flight{},
-		failures:  map[usageKey]loadFailure{},
-		nodeLocks: map[string]chan struct{}{},
+		cfg:      cfg.withDefaults(),
+		deps:     deps,
+		log:      deps.Log,
+		obs:      deps.Observer,
+		usage:    deps.Usage,
+		now:      time.Now,
+		ctx:      ctx,
+		cancel:   cancel,
+		flights:  map[string]*flight{},
+		failures: map[usageKey]loadFailure{},
 	}
 	if l.log == nil {
 		l.log = slog.New(slog.DiscardHandler)
@@ -190,7 +197,29 @@ func NewColdLoader(cfg ColdLoadConfig, deps ColdLoadDeps) *ColdLoader {
 	if l.usage == nil {
 		l.usage = NewUsage()
 	}
+	l.ledger = NewLedger(l.log)
+	if deps.FleetChanged != nil {
+		l.wg.Add(1)
+		go l.reconcileLoop()
+	}
 	return l
+}
+
+// Commitments is the ledger's current view (for /debug/fleet and route).
+func (l *ColdLoader) Commitments() *Commitments { return l.ledger.View() }
+
+// reconcileLoop reconciles the ledger with every fleet snapshot until Close.
+func (l *ColdLoader) reconcileLoop() {
+	defer l.wg.Done()
+	for {
+		changed := l.deps.FleetChanged()
+		l.ledger.Reconcile(l.deps.Fleet())
+		select {
+		case <-changed:
+		case <-l.ctx.Done():
+			return
+		}
+	}
 }
 
 // Join starts a load for model (a concrete id in the catalogue) or joins the
@@ -213,7 +242,7 @@ func (l *ColdLoader) Join(model string) (*Flight, *apierr.Error) {
 		if err := l.addWaiter(); err != nil {
 			return nil, err
 		}
-		plan, err := Place(cat, l.deps.Fleet(), p, l.placementState(nil))
+		plan, err := l.plan(p, nil)
 		if err != nil {
 			l.dropWaiter()
 			return nil, l.withRecentFailures(model, err)
@@ -230,12 +259,11 @@ func (l *ColdLoader) Join(model string) (*Flight, *apierr.Error) {
 	return &Flight{l: l, f: f}, nil
 }
 
-// Wait blocks until the load finished, answering the node it is loaded on,
+// wait blocks until the load finished, answering the node it is loaded on,
 // or until ctx is done (the caller's own deadline or hang-up), answering a
-// retryable 503; the load goes on for the other waiters. It always gives
-// the waiter slot back.
-func (w *Flight) Wait(ctx context.Context) (node string, err *apierr.Error) {
-	defer w.release()
+// retryable 503; the load goes on for the other waiters. The caller gives
+// the waiter slot back with release once it holds its own lease.
+func (w *Flight) wait(ctx context.Context) (node string, err *apierr.Error) {
 	select {
 	case <-w.f.done:
 		return w.f.resNode, w.f.resErr
@@ -250,10 +278,23 @@ func (w *Flight) Wait(ctx context.Context) (node string, err *apierr.Error) {
 	}
 }
 
+// release gives the waiter slot back; the last waiter of a finished flight
+// also ends the flight's pin on the fresh model.
 func (w *Flight) release() {
 	if w.released.CompareAndSwap(false, true) {
-		w.f.waiters.Add(-1)
+		if w.f.waiters.Add(-1) == 0 && w.f.finished() {
+			w.f.pin.Release()
+		}
 		w.l.dropWaiter()
+	}
+}
+
+func (f *flight) finished() bool {
+	select {
+	case <-f.done:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -370,9 +411,66 @@ func (l *ColdLoader) withRecentFailures(model string, err *apierr.Error) *apierr
 	return &e
 }
 
+// committed is a plan with the ledger commitments it took: its devices
+// reserved, its victims claimed (one claim per Evict entry, in order).
+type committed struct {
+	Plan
+	reservation uint64
+	claims      []uint64
+}
+
+// maxPlanTries bounds re-planning when a victim turns out to be in use the
+// moment it is claimed.
+const maxPlanTries = 3
+
+// plan places p (without the nodes in exclude) and takes the plan's
+// commitments in the ledger. l.mu must be held, so that the next plan sees
+// them. A victim found in flight once claimed (a request was routed to it
+// between the view and the claim) calls the plan off, and placement runs
+// again without it.
+func (l *ColdLoader) plan(p *catalogue.Profile, exclude map[string]bool) (committed, *apierr.Error) {
+	cat := l.catalogue()
+	for try := 1; ; try++ {
+		l.ledger.Reconcile(l.deps.Fleet())
+		view := l.ledger.View() // before the snapshot: see Place
+		snap := l.deps.Fleet()
+		plan, err := Place(cat, snap, view, p, l.placementState(exclude))
+		if err != nil {
+			return committed{}, err
+		}
+		c := committed{Plan: plan}
+		c.reservation = l.ledger.add(commitment{kind: commitLoading, node: plan.Node, model: p.ID,
+			devices: plan.Spec.Devices, perDevice: plan.PerDeviceMB})
+		n := snap.Node(plan.Node)
+		var busy []string
+		for _, v := range plan.victims {
+			devs, share := v.shares(n)
+			c.claims = append(c.claims, l.ledger.add(commitment{kind: commitClaimed, node: plan.Node, model: v.id, devices: devs, perDevice: share}))
+			// Claimed, then checked: Router.Route counts itself in flight,
+			// then checks for a claim, so one of the two sees the other.
+			if l.usage.InFlight(plan.Node, v.id) > 0 {
+				busy = append(busy, v.id)
+			}
+		}
+		if len(busy) == 0 {
+			return c, nil
+		}
+		l.ledger.drop(append(c.claims, c.reservation)...)
+		if try == maxPlanTries {
+			return committed{}, apierr.Unavailable(5, "model %q: the models that would make room on %s are in use (%s); retry shortly", p.ID, plan.Node, strings.Join(busy, ", "))
+		}
+	}
+}
+
+// callOff drops what c committed and did not do: its reservation and the
+// claims from index i on (the evictions not yet made).
+func (l *ColdLoader) callOff(c committed, i int) {
+	l.ledger.drop(append(slices.Clone(c.claims[i:]), c.reservation)...)
+}
+
 // run is one flight: try the planned node, on failure the next candidate
 // once, then release every waiter with the outcome.
-func (l *ColdLoader) run(f *flight, p *catalogue.Profile, plan Plan) {
+func (l *ColdLoader) run(f *flight, p *catalogue.Profile, c committed) {
 	defer l.wg.Done()
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.Timeout)
 	defer cancel()
@@ -381,10 +479,10 @@ func (l *ColdLoader) run(f *flight, p *catalogue.Profile, plan Plan) {
 	loadFailed := false // some POST /models/load failed (not just "no room")
 	tried := map[string]bool{}
 	for attempt := 1; ; attempt++ {
-		node := plan.Node
+		node := c.Node
 		tried[node] = true
 		f.node.Store(&node)
-		err := l.attempt(ctx, p, plan)
+		err := l.attempt(ctx, f, p, c)
 		if err == nil {
 			l.finish(f, node, nil)
 			return
@@ -392,7 +490,7 @@ func (l *ColdLoader) run(f *flight, p *catalogue.Profile, plan Plan) {
 		reason := l.describe(ctx, err)
 		failures = append(failures, node+": "+reason)
 		// Only a failed load says something about this model on this node;
-		// a node that was full or busy may take it a moment later.
+		// a node where room could not be made may take it a moment later.
 		if !errors.As(err, new(*prepError)) {
 			loadFailed = true
 			l.markFailed(node, p.ID, reason)
@@ -405,13 +503,15 @@ func (l *ColdLoader) run(f *flight, p *catalogue.Profile, plan Plan) {
 			return
 		}
 		l.log.Warn("cold load failed; trying the next node", "model", p.ID, "node", node, "error", reason, "next", next.Node)
-		plan = next
+		c = next
 	}
 }
 
 // nextStep is what the final failure message tells the operator to do.
 func (l *ColdLoader) nextStep(loadFailed bool) string {
 	switch {
+	case l.ctx.Err() != nil:
+		return "; retry against another cortex-extproc instance"
 	case !loadFailed:
 		return "; retry shortly"
 	case l.cfg.FailureCooldown > 0:
@@ -421,20 +521,21 @@ func (l *ColdLoader) nextStep(loadFailed bool) string {
 }
 
 // nextPlan re-places p without the nodes already tried, or says why not.
-func (l *ColdLoader) nextPlan(ctx context.Context, p *catalogue.Profile, tried map[string]bool, attempt int) (Plan, string) {
+func (l *ColdLoader) nextPlan(ctx context.Context, p *catalogue.Profile, tried map[string]bool, attempt int) (committed, string) {
 	if ctx.Err() != nil {
-		return Plan{}, "the load's time is up"
+		return committed{}, "the load's time is up"
 	}
 	if attempt >= maxLoadAttempts {
-		return Plan{}, fmt.Sprintf("tried %d nodes", attempt)
+		return committed{}, fmt.Sprintf("tried %d nodes", attempt)
 	}
-	cat := l.catalogue()
-	if cur := cat.Profile(p.ID); cur != nil {
+	if cur := l.catalogue().Profile(p.ID); cur != nil {
 		p = cur
 	}
-	next, err := Place(cat, l.deps.Fleet(), p, l.placementState(tried))
+	l.mu.Lock()
+	next, err := l.plan(p, tried)
+	l.mu.Unlock()
 	if err != nil {
-		return Plan{}, "no other node: " + err.Message
+		return committed{}, "no other node: " + err.Message
 	}
 	return next, ""
 }
@@ -442,217 +543,180 @@ func (l *ColdLoader) nextPlan(ctx context.Context, p *catalogue.Profile, tried m
 // describe turns an attempt's error into the reason shown to clients and logs.
 func (l *ColdLoader) describe(ctx context.Context, err error) string {
 	switch {
-	case errors.Is(ctx.Err(), context.DeadlineExceeded):
-		return fmt.Sprintf("timed out after %s (cold_load.timeout): %v", l.cfg.Timeout, err)
 	case l.ctx.Err() != nil:
 		return "cortex-extproc is shutting down"
+	case errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return fmt.Sprintf("timed out after %s (cold_load.timeout): %v", l.cfg.Timeout, err)
 	}
 	return err.Error()
 }
 
 // finish publishes the outcome and releases the waiters. On success the
-// fleet owner learns of the load first, so released requests find it.
+// model is already recorded (commitLoaded), so released requests find it.
 func (l *ColdLoader) finish(f *flight, node string, err *apierr.Error) {
-	if err == nil {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), markLoadedTimeout)
-		if l.deps.MarkLoaded != nil {
-			if merr := l.deps.MarkLoaded(ctx, node, f.model); merr != nil {
-				l.log.Warn("could not mark the model loaded; requests may wait for the next poll", "model", f.model, "node", node, "error", merr)
-			}
-		}
-		cancel()
-		l.usage.Touch(node, f.model)
-	}
 	f.resNode, f.resErr = node, err
 	l.mu.Lock()
 	delete(l.flights, f.model)
 	l.mu.Unlock()
 	close(f.done)
+	// No waiter left (all hung up): nobody will route to it through this
+	// flight. Otherwise the last waiter's release ends the pin.
+	if f.waiters.Load() == 0 {
+		f.pin.Release()
+	}
 }
 
-// attempt makes room on plan.Node and loads p there.
-func (l *ColdLoader) attempt(ctx context.Context, p *catalogue.Profile, plan Plan) error {
-	node := plan.Node
+// attempt makes room on c.Node and loads p there.
+func (l *ColdLoader) attempt(ctx context.Context, f *flight, p *catalogue.Profile, c committed) error {
+	node := c.Node
 	api := l.deps.Neuron(node)
 	if api == nil {
-		return fmt.Errorf("neuron %s is not configured", node)
+		l.callOff(c, 0)
+		return &prepError{fmt.Errorf("neuron %s is not configured", node)}
 	}
 	start := time.Now()
-	l.log.Info("cold load started", "model", p.ID, "node", node, "devices", plan.Spec.Devices, "evicting", plan.Evict)
+	l.log.Info("cold load started", "model", p.ID, "node", node, "devices", c.Spec.Devices, "per_device_mb", c.PerDeviceMB, "evicting", c.Evict)
 	l.obs.LoadStarted(p.ID, node)
 	ctx, span := tracing.StartColdLoad(ctx, p.ID, node)
-	err := l.evictAndLoad(ctx, api, p, plan)
+	err := l.evictAndLoad(ctx, api, p, &c)
 	tracing.End(span, err)
 	d := time.Since(start)
 	l.obs.LoadFinished(p.ID, node, err == nil, d)
-	if err == nil {
-		l.log.Info("cold load finished", "model", p.ID, "node", node, "duration", d.Round(time.Millisecond))
-	}
-	return err
-}
-
-func (l *ColdLoader) evictAndLoad(ctx context.Context, api neuron.API, p *catalogue.Profile, plan Plan) error {
-	// Two loads on one node at once would both count the same free VRAM:
-	// serialise them, and decide evictions only once the node is ours.
-	unlock, err := l.lockNode(ctx, p.ID, plan.Node)
 	if err != nil {
-		return &prepError{fmt.Errorf("waiting for another load on %s: %w", plan.Node, err)}
+		return err
 	}
-	defer unlock()
-	if err := l.makeRoom(ctx, api, p, plan.Node); err != nil {
-		return &prepError{err}
-	}
-	return api.Load(ctx, plan.Spec)
+	l.commitLoaded(f, p, c)
+	l.log.Info("cold load finished", "model", p.ID, "node", node, "duration", d.Round(time.Millisecond))
+	return nil
 }
 
-// prepError is a failure before POST /models/load: no room could be made,
-// an unload failed, or the node stayed busy. It does not put the (node,
-// model) in cool-down.
-type prepError struct{ err error }
-
-func (e *prepError) Error() string { return e.err.Error() }
-func (e *prepError) Unwrap() error { return e.err }
-
-func (l *ColdLoader) lockNode(ctx context.Context, model, node string) (func(), error) {
-	l.mu.Lock()
-	sem := l.nodeLocks[node]
-	if sem == nil {
-		sem = make(chan struct{}, 1)
-		l.nodeLocks[node] = sem
-	}
-	l.mu.Unlock()
-	select {
-	case sem <- struct{}{}:
-		return func() { <-sem }, nil
-	default:
-		l.log.Info("cold load queued behind another load on the same node", "model", model, "node", node)
-	}
-	select {
-	case sem <- struct{}{}:
-		return func() { <-sem }, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// makeRoom evicts least-recently-used displaceable residents on node until
-// p fits, up to cold_load.max_evictions.
-//
-// Fit is re-checked against the neuron's own /health after every unload,
-// not against the snapshot: the snapshot may be a poll old, and the neuron
-// knows what an unload really freed (vram_used_mb is an estimate or absent).
-// When /health does not answer we fall back to adding the evicted model's
-// VRAM to what we had, which is what the plan assumed.
-func (l *ColdLoader) makeRoom(ctx context.Context, api neuron.API, p *catalogue.Profile, nodeName string) error {
-	n := l.deps.Fleet().Node(nodeName)
-	if n == nil {
-		return fmt.Errorf("neuron %s left the fleet", nodeName)
-	}
-	cat := l.catalogue()
-	st := l.placementState(nil)
-	n = l.refresh(ctx, api, n)
-	free := n.FreeVRAM()
-	skip := map[string]bool{}
-	var evicted []string
+// evictAndLoad unloads the plan's victims, confirms the room with the
+// neuron, then loads. The victims were claimed when the plan was made: no
+// request is routed to them and no other plan counts them. An unload that
+// fails gives the rest back untouched.
+func (l *ColdLoader) evictAndLoad(ctx context.Context, api neuron.API, p *catalogue.Profile, c *committed) error {
+	evicted := 0
 	for {
-		budget := 0 // negative max_evictions: never evict
-		if l.cfg.MaxEvictions > 0 {
-			budget = max(l.cfg.MaxEvictions-len(evicted), 0)
-		}
-		fit := evaluateNode(cat, p, n, free, st, skip, budget)
-		if fit.fitsNow {
-			return nil
-		}
-		// Unloading residents that cannot make enough room only destroys
-		// warm models: refuse before the first unload, not after the last.
-		if !fit.fitsAfter {
-			return errors.New(noRoom(p, &fit, evicted, l.cfg.MaxEvictions))
-		}
-		victim := fit.evict[0]
-		var gained resident
-		for _, m := range n.Models {
-			if m.ID == victim {
-				gained = resident{id: m.ID, vram: residentVRAM(cat, &m.Model), devices: m.Devices}
+		for ; evicted < len(c.Evict); evicted++ {
+			victim := c.Evict[evicted]
+			uctx, span := tracing.StartEviction(ctx, c.Node, victim, p.ID)
+			err := api.Unload(uctx, victim)
+			tracing.End(span, err)
+			if err != nil && !errors.Is(err, neuron.ErrNotFound) { // 404: it is gone anyway
+				l.callOff(*c, evicted)
+				return &prepError{fmt.Errorf("could not unload %s to make room: %w", victim, err)}
 			}
+			l.ledger.done(c.claims[evicted], time.Now())
+			l.log.Info("evicted to make room for a cold load", "model", victim, "node", c.Node, "incoming", p.ID)
+			l.obs.Evicted(c.Node, victim)
 		}
-		// Hide the victim from routing, then check that no request took it
-		// meanwhile (Router.Route re-checks the other side): a request sent
-		// to it during or after the unload would reach a neuron without it.
-		if l.hide(nodeName, victim) && l.usage.InFlight(nodeName, victim) > 0 {
-			l.unhide(nodeName, victim)
-			skip[victim] = true
-			continue
-		}
-		uctx, span := tracing.StartEviction(ctx, nodeName, victim, p.ID)
-		err := api.Unload(uctx, victim)
-		tracing.End(span, err)
+		more, err := l.confirmRoom(ctx, api, p, c)
 		if err != nil {
-			if !errors.Is(err, neuron.ErrNotFound) { // 404: it is gone anyway
-				l.unhide(nodeName, victim)
+			l.callOff(*c, evicted)
+			return &prepError{err}
+		}
+		if !more {
+			break
+		}
+	}
+	if err := api.Load(ctx, c.Spec); err != nil {
+		l.callOff(*c, len(c.claims))
+		return err
+	}
+	return nil
+}
+
+// confirmRoom asks the neuron for its free VRAM right before the load. The
+// plan was made on the ledger's figures, which rest on estimates
+// (vram_used_mb may be absent or off; the neuron may hold something it has
+// not listed yet). When the chosen devices lack room it claims further
+// victims there (more is true: evict them, then ask again), within
+// cold_load.max_evictions; when nothing more may go it fails, and the
+// attempt moves on without a cool-down. Without an answer it trusts the
+// plan.
+func (l *ColdLoader) confirmRoom(ctx context.Context, api neuron.API, p *catalogue.Profile, c *committed) (more bool, err error) {
+	hctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	h, herr := api.Health(hctx)
+	cancel()
+	if herr != nil || h == nil || len(h.Devices) == 0 {
+		l.log.Debug("fresh /health unavailable before the load; trusting the plan", "node", c.Node, "error", herr)
+		return false, nil
+	}
+	free := map[int]int64{}
+	for _, d := range h.Devices {
+		free[d.Index] = d.VRAMFreeMB
+	}
+	// Other loads in progress on this node have their VRAM to come.
+	view := l.ledger.View()
+	for _, cm := range view.byNode[c.Node] {
+		if cm.kind == commitLoading && cm.model != p.ID {
+			for _, d := range cm.devices {
+				free[d] -= cm.perDevice
 			}
-			return fmt.Errorf("could not unload %s to make room: %w", victim, err)
-		}
-		evicted = append(evicted, victim)
-		skip[victim] = true
-		l.log.Info("evicted to make room for a cold load", "model", victim, "node", nodeName, "incoming", p.ID)
-		l.obs.Evicted(nodeName, victim)
-		if fresh := l.refresh(ctx, api, n); fresh != n {
-			n = fresh
-			free = n.FreeVRAM()
-		} else {
-			reclaim(free, gained, n)
 		}
 	}
+	short := false
+	for _, d := range c.Spec.Devices {
+		if free[d] < c.PerDeviceMB {
+			short = true
+		}
+	}
+	if !short {
+		return false, nil
+	}
+
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := l.deps.Fleet().Node(c.Node)
+	if n == nil {
+		return false, fmt.Errorf("neuron %s left the fleet", c.Node)
+	}
+	budget := -1
+	switch {
+	case l.cfg.MaxEvictions < 0:
+		budget = 0
+	case l.cfg.MaxEvictions > 0:
+		budget = max(l.cfg.MaxEvictions-len(c.Evict), 0)
+	}
+	fit := evaluateNode(l.catalogue(), p, n, c.Spec.Devices, free, l.ledger.View(), l.placementState(nil), budget)
+	if !fit.fitsAfter {
+		return false, fmt.Errorf("no room after all: %s (the neuron's own /health, after %d eviction(s))", noRoom(p, &fit, l.cfg.MaxEvictions), len(c.Evict))
+	}
+	for _, v := range fit.evict {
+		devs, share := v.shares(n)
+		id := l.ledger.add(commitment{kind: commitClaimed, node: c.Node, model: v.id, devices: devs, perDevice: share})
+		if l.usage.InFlight(c.Node, v.id) > 0 { // see plan
+			l.ledger.drop(id)
+			return false, fmt.Errorf("no room after all: %s is in use", v.id)
+		}
+		c.Evict = append(c.Evict, v.id)
+		c.claims = append(c.claims, id)
+	}
+	l.log.Info("the neuron reports less free VRAM than planned; evicting more", "node", c.Node, "incoming", p.ID, "evicting", fit.evict)
+	return len(fit.evict) > 0, nil
 }
 
-// hide takes model on node out of the fleet view before an eviction; false
-// when it could not (no MarkUnloaded, or the fleet owner did not answer).
-func (l *ColdLoader) hide(node, model string) bool {
-	if l.deps.MarkUnloaded == nil {
-		return false
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), markLoadedTimeout)
-	defer cancel()
-	if err := l.deps.MarkUnloaded(ctx, node, model); err != nil {
-		l.log.Warn("could not hide a model before evicting it; requests may reach it until the next poll", "model", model, "node", node, "error", err)
-		return false
-	}
-	return true
-}
-
-// unhide puts back a model whose eviction did not happen.
-func (l *ColdLoader) unhide(node, model string) {
-	if l.deps.MarkUnloaded == nil || l.deps.MarkLoaded == nil {
+// commitLoaded records a finished load, in this order: its VRAM stays taken
+// in the ledger; the flight's pin makes it in use, touched now; then the
+// fleet lists it, on its devices. Whatever plans on that node next sees
+// the model's VRAM gone and cannot evict it before its waiters are routed.
+func (l *ColdLoader) commitLoaded(f *flight, p *catalogue.Profile, c committed) {
+	l.ledger.done(c.reservation, time.Now())
+	l.usage.Use(c.Node, p.ID, &f.pin)
+	if l.deps.MarkLoaded == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), markLoadedTimeout)
 	defer cancel()
-	if err := l.deps.MarkLoaded(ctx, node, model); err != nil {
-		l.log.Warn("could not put back a model that was not evicted; it is routed again after the next poll", "model", model, "node", node, "error", err)
+	vram := c.PerDeviceMB * int64(len(c.Spec.Devices))
+	if err := l.deps.MarkLoaded(ctx, c.Node, p.ID, c.Spec.Devices, vram); err != nil {
+		l.log.Warn("could not mark the model loaded; requests may wait for the next poll", "model", p.ID, "node", c.Node, "error", err)
 	}
 }
 
-// refresh returns a copy of n with the neuron's current /health (free VRAM
-// and in-flight counts), or n itself when /health does not answer.
-func (l *ColdLoader) refresh(ctx context.Context, api neuron.API, n *fleet.Node) *fleet.Node {
-	hctx, cancel := context.WithTimeout(ctx, healthTimeout)
-	defer cancel()
-	h, err := api.Health(hctx)
-	if err != nil || h == nil {
-		l.log.Debug("fresh /health unavailable; using the last poll", "node", n.Name, "error", err)
-		return n
-	}
-	load := make(map[string]neuron.ModelHealth, len(h.Models))
-	for _, m := range h.Models {
-		load[m.ID] = m
-	}
-	c := *n
-	c.Health = h
-	c.Models = make([]*fleet.Model, len(n.Models))
-	for i, m := range n.Models {
-		mc := *m
-		mc.InFlight, mc.QueueDepth = load[m.ID].InFlight, load[m.ID].QueueDepth
-		c.Models[i] = &mc
-	}
-	return &c
-}
+// prepError is a failure before POST /models/load: no room could be made
+// or an unload failed. It does not put the (node, model) in cool-down.
+type prepError struct{ err error }
+
+func (e *prepError) Error() string { return e.err.Error() }
+func (e *prepError) Unwrap() error { return e.err }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"reflect"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -55,6 +56,8 @@ type fakeNeuron struct {
 	totals   []int64
 	resident map[string]fakeResident
 	loadErr  error // every Load fails with this
+	// unloadErr makes every Unload fail.
+	unloadErr error
 	// healthErr makes /health fail.
 	healthErr error
 
@@ -110,9 +113,14 @@ func (f *fakeNeuron) Health(context.Context) (*neuron.Health, error) {
 	return h, nil
 }
 
+var errUnload = errors.New("neuron: POST /models/unload: 500: busy")
+
 func (f *fakeNeuron) Unload(_ context.Context, id string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.unloadErr != nil {
+		return f.unloadErr
+	}
 	if _, ok := f.resident[id]; !ok {
 		return fmt.Errorf("neuron %s: POST /models/unload: 404: %s is not loaded", f.name, id)
 	}
@@ -158,11 +166,11 @@ type rig struct {
 	usage   *Usage
 	events  *eventLog
 	neurons map[string]*fakeNeuron
-	snap    *fleet.Snapshot
+	snapPtr atomic.Pointer[fleet.Snapshot]
 	marked  chan string // "node model" per MarkLoaded
 	obs     *recordingObserver
 	// markLoaded, when set, replaces the default MarkLoaded.
-	markLoaded func(ctx context.Context, node, model string) error
+	markLoaded func(ctx context.Context, node, model string, devices []int, vramMB int64) error
 }
 
 type recordingObserver struct {
@@ -185,23 +193,24 @@ func newRig(t testing.TB, cfg ColdLoadConfig, snap *fleet.Snapshot) *rig {
 	for _, p := range cat.Models() {
 		sizes[p.LoadID()] = p.VRAMMB
 	}
-	r := &rig{usage: NewUsage(), events: &eventLog{}, neurons: map[string]*fakeNeuron{}, snap: snap,
+	r := &rig{usage: NewUsage(), events: &eventLog{}, neurons: map[string]*fakeNeuron{},
 		marked: make(chan string, 100), obs: &recordingObserver{}}
+	r.snapPtr.Store(snap)
 	for _, n := range snap.Nodes {
 		r.neurons[n.Name] = fakeFrom(n, r.events, sizes)
 	}
 	r.l = NewColdLoader(cfg, ColdLoadDeps{
 		Catalogue: func() *catalogue.Catalogue { return cat },
-		Fleet:     func() *fleet.Snapshot { return r.snap },
+		Fleet:     r.snapPtr.Load,
 		Neuron: func(node string) neuron.API {
 			if f := r.neurons[node]; f != nil {
 				return f
 			}
 			return nil
 		},
-		MarkLoaded: func(ctx context.Context, node, model string) error {
+		MarkLoaded: func(ctx context.Context, node, model string, devices []int, vramMB int64) error {
 			if r.markLoaded != nil {
-				return r.markLoaded(ctx, node, model)
+				return r.markLoaded(ctx, node, model, devices, vramMB)
 			}
 			r.marked <- node + " " + model
 			return nil
@@ -210,6 +219,37 @@ func newRig(t testing.TB, cfg ColdLoadConfig, snap *fleet.Snapshot) *rig {
 		Observer: r.obs,
 	})
 	return r
+}
+
+// snap is the rig's current fleet view.
+func (r *rig) snap() *fleet.Snapshot { return r.snapPtr.Load() }
+
+// poll plays a poll round: each node as its fake neuron now is, with
+// readings requested now.
+func (r *rig) poll() {
+	old := r.snap()
+	s := &fleet.Snapshot{Round: old.Round + 1}
+	now := time.Now()
+	for _, n := range old.Nodes {
+		c := *n
+		f := r.neurons[n.Name]
+		f.mu.Lock()
+		h := &neuron.Health{UptimeSecs: 100}
+		for i, v := range f.free() {
+			h.Devices = append(h.Devices, neuron.DeviceHealth{Index: i, VRAMFreeMB: v, VRAMUsedMB: f.totals[i] - v})
+		}
+		c.Models = nil
+		for id, res := range f.resident {
+			v := res.vram
+			c.Models = append(c.Models, &fleet.Model{Model: neuron.Model{ID: id, Harness: "candle", Status: neuron.StatusLoaded,
+				Devices: res.devs, VRAMUsedMB: &v}, Endpoint: "http://" + n.Name + ":13131"})
+		}
+		f.mu.Unlock()
+		slices.SortFunc(c.Models, func(a, b *fleet.Model) int { return strings.Compare(a.ID, b.ID) })
+		c.Health, c.HealthAt, c.ModelsAt = h, now, now
+		s.Nodes = append(s.Nodes, &c)
+	}
+	r.snapPtr.Store(s)
 }
 
 func (r *rig) close(t testing.TB) {
@@ -232,7 +272,7 @@ func (r *rig) join(t testing.TB, ctx context.Context, model string) <-chan waitR
 	}
 	out := make(chan waitResult, 1)
 	go func() {
-		node, err := f.Wait(ctx)
+		node, err := waitFlight(f, ctx)
 		out <- waitResult{node, err}
 	}()
 	return out
@@ -293,7 +333,7 @@ func TestColdLoadManyWaitersShareOneLoad(t *testing.T) {
 				results <- waitResult{err: err}
 				return
 			}
-			node, werr := f.Wait(context.Background())
+			node, werr := waitFlight(f, context.Background())
 			results <- waitResult{node, werr}
 		}()
 	}
@@ -437,8 +477,11 @@ func TestColdLoadCooldownExcludesTheFailedNodeUntilItExpires(t *testing.T) {
 	if res := receive(t, "the first request", r.join(t, context.Background(), "org/small")); res.node != "rig2" {
 		t.Fatalf("first request got (%q, %v), want rig2", res.node, res.err)
 	}
-	// The snapshot still shows beast as the roomier node, but it is cooling down.
+	// beast is the roomier node, but it is cooling down.
+	rig2.mu.Lock()
 	delete(rig2.resident, "org/small")
+	rig2.mu.Unlock()
+	r.poll()
 	if res := receive(t, "the second request", r.join(t, context.Background(), "org/small")); res.node != "rig2" {
 		t.Fatalf("second request got (%q, %v), want rig2 while beast cools down", res.node, res.err)
 	}
@@ -607,10 +650,10 @@ func TestColdLoadMarksLoadedBeforeReleasingWaiters(t *testing.T) {
 	}
 	waiter := r.join(t, context.Background(), "org/small")
 	var releasedEarly atomic.Value
-	r.markLoaded = func(context.Context, string, string) error {
+	r.markLoaded = func(context.Context, string, string, []int, int64) error {
 		expired, cancel := context.WithCancel(context.Background())
 		cancel()
-		node, err := probe.Wait(expired)
+		node, err := waitFlight(probe, expired)
 		if node != "" || err == nil || !strings.Contains(err.Message, "still loading") {
 			releasedEarly.Store(fmt.Sprintf("(%q, %v)", node, err))
 		}
@@ -668,30 +711,6 @@ func TestColdLoadCloseCancelsLoadsInProgress(t *testing.T) {
 	}
 }
 
-func TestUsage(t *testing.T) {
-	u := NewUsage()
-	if !u.LastAccess("beast", "m").IsZero() || u.InFlight("beast", "m") != 0 {
-		t.Fatal("fresh Usage reports activity")
-	}
-	u.Touch("beast", "m")
-	if u.LastAccess("beast", "m").IsZero() || !u.LastAccess("rig2", "m").IsZero() {
-		t.Error("Touch is not recorded per (node, model)")
-	}
-	r1, r2 := u.Acquire("beast", "m"), u.Acquire("beast", "m")
-	if n := u.InFlight("beast", "m"); n != 2 {
-		t.Errorf("in flight %d, want 2", n)
-	}
-	r1()
-	r1() // a second release must not under-count the other request
-	if n := u.InFlight("beast", "m"); n != 1 {
-		t.Errorf("in flight %d after one release (twice), want 1", n)
-	}
-	r2()
-	if allocs := testing.AllocsPerRun(100, func() { u.Touch("beast", "m") }); allocs != 0 {
-		t.Errorf("Touch on a known (node, model) allocates %v times per request", allocs)
-	}
-}
-
 // BenchmarkColdLoadWaiters holds 10,000 requests on one slow load and
 // reports what each costs while waiting and how long releasing them all takes.
 func BenchmarkColdLoadWaiters(b *testing.B) {
@@ -716,7 +735,7 @@ func BenchmarkColdLoadWaiters(b *testing.B) {
 					b.Error(err)
 					return
 				}
-				if _, err := f.Wait(context.Background()); err != nil {
+				if _, err := waitFlight(f, context.Background()); err != nil {
 					b.Error(err)
 				}
 			}()
@@ -737,4 +756,10 @@ func BenchmarkColdLoadWaiters(b *testing.B) {
 	b.ReportMetric(heapPer/float64(iters), "heap-B/waiter")
 	b.ReportMetric(stackPer/float64(iters), "stack-B/waiter")
 	b.ReportMetric(releaseMS/float64(iters), "release-ms")
+}
+
+// waitFlight waits as a request does and gives its slot back.
+func waitFlight(f *Flight, ctx context.Context) (string, *apierr.Error) {
+	defer f.release()
+	return f.wait(ctx)
 }

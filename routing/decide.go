@@ -37,8 +37,10 @@ type Decision struct {
 
 // Decide applies routing.md steps 0–6 to one request. It is pure: the same
 // snapshots and model give the same answer. Step 5 is returned as
-// StepColdLoad for the caller to hand to the ColdLoader.
-func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, requested string) (Decision, *apierr.Error) {
+// StepColdLoad for the caller to hand to the ColdLoader. A location the
+// ledger's view says is being evicted (or was, after the listing) is not
+// routed to; view may be nil.
+func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, requested string) (Decision, *apierr.Error) {
 	// 0. Resolve the alias; everything after uses the concrete id.
 	d := Decision{Requested: requested, Model: cat.ResolveAlias(requested)}
 
@@ -56,16 +58,20 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, requested string) (D
 	var bestModel *fleet.Model
 	residentNoEndpoint := ""
 	recovering := ""
+	unservable, unservableWhy := "", ""
 	var unloadedOn *fleet.Node
 	var unloadedModel *fleet.Model
 	for _, loc := range snap.Locations(d.Model) {
 		n, m := loc.Node, loc.Model
-		if !n.Healthy {
+		if !n.Healthy || view.Blocked(n, m.ID) {
 			continue
 		}
 		switch {
 		case m.Status.Resident():
 			if !m.IsServable() {
+				if unservable == "" {
+					unservable, unservableWhy = n.Name, residentUnservable(n, m.ID)
+				}
 				continue
 			}
 			if m.Endpoint == "" {
@@ -97,6 +103,12 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, requested string) (D
 		return d, apierr.Unavailable(2, "model %q is recovering on %s; retry shortly", d.Model, recovering)
 	}
 
+	// A neuron pre-warming it at start-up is loading it: a second copy
+	// elsewhere (or a lazy reload of another) would race that load.
+	if node := prewarming(snap, d.Model); node != "" {
+		return d, apierr.Unavailable(2, "model %q is being loaded by %s at start-up (pre-warming); retry shortly", d.Model, node)
+	}
+
 	// 4. Known to a neuron but not resident: the neuron reloads it lazily.
 	if unloadedOn != nil {
 		d.Step, d.Node, d.Cluster, d.Endpoint, d.ColdStart = StepUnloaded, unloadedOn.Name, unloadedOn.Cluster, unloadedModel.Endpoint, true
@@ -112,9 +124,30 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, requested string) (D
 		return d, nil
 	}
 
+	// It exists, it just cannot serve now: not a 404.
+	if unservable != "" {
+		return d, apierr.Unavailable(5, "model %q is resident on %s, but the neuron reports it cannot serve now (%s); retry shortly", d.Model, unservable, unservableWhy)
+	}
+
 	// 6. Unknown.
 	if d.Model != requested {
 		return d, apierr.ModelNotFound("model %q (alias %q) not found on any node and not in the catalogue", d.Model, requested)
 	}
 	return d, apierr.ModelNotFound("model %q not found on any node and not in the catalogue; GET /v1/models lists the models available", d.Model)
+}
+
+// prewarming is the healthy node whose /health activation lists model as
+// pending or in progress, or "".
+func prewarming(snap *fleet.Snapshot, model string) string {
+	for _, n := range snap.Nodes {
+		if !n.Healthy || n.Health == nil || n.Health.Activation == nil {
+			continue
+		}
+		for _, id := range n.Health.Activation.Loading() {
+			if id == model {
+				return n.Name
+			}
+		}
+	}
+	return ""
 }

@@ -92,7 +92,7 @@ func TestDecideOrder(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			d, err := Decide(cat, &fleet.Snapshot{Nodes: c.nodes}, c.model)
+			d, err := Decide(cat, &fleet.Snapshot{Nodes: c.nodes}, nil, c.model)
 			if c.status != 0 {
 				if err == nil {
 					t.Fatalf("decision %+v, want error %d", d, c.status)
@@ -121,13 +121,13 @@ func TestDecideOrder(t *testing.T) {
 func TestDecideEndpointNotResolvable(t *testing.T) {
 	fm := m("X", neuron.StatusLoaded, 0, 0, true)
 	fm.Endpoint = ""
-	_, err := Decide(catalogue.Empty(), &fleet.Snapshot{Nodes: []*fleet.Node{dnode("a", true, fm)}}, "X")
+	_, err := Decide(catalogue.Empty(), &fleet.Snapshot{Nodes: []*fleet.Node{dnode("a", true, fm)}}, nil, "X")
 	if err == nil || err.Status != 503 || err.RetryAfter != 2 || !strings.Contains(err.Message, "endpoint") {
 		t.Fatalf("got %v, want 503 Retry-After 2 about the endpoint", err)
 	}
 	// A replica with an endpoint elsewhere is preferred to failing.
 	d, err := Decide(catalogue.Empty(), &fleet.Snapshot{Nodes: []*fleet.Node{
-		dnode("a", true, fm), dnode("b", true, m("X", neuron.StatusLoaded, 5, 5, true))}}, "X")
+		dnode("a", true, fm), dnode("b", true, m("X", neuron.StatusLoaded, 5, 5, true))}}, nil, "X")
 	if err != nil || d.Node != "b" {
 		t.Fatalf("got %+v %v, want b", d, err)
 	}
@@ -141,16 +141,16 @@ func TestColdLoadSkipsANodeHoldingAnUnservableCopy(t *testing.T) {
 	free := dnode("b", true)
 	free.Discovery = disc
 	snap := &fleet.Snapshot{Nodes: []*fleet.Node{sick, free}}
-	d, err := Decide(cat, snap, "M")
+	d, err := Decide(cat, snap, nil, "M")
 	if err != nil || d.Step != StepColdLoad {
 		t.Fatalf("decision %+v %v, want a cold load", d, err)
 	}
-	plan, perr := Place(cat, snap, cat.Profile("M"), PlacementState{})
+	plan, perr := Place(cat, snap, nil, cat.Profile("M"), PlacementState{})
 	if perr != nil || plan.Node != "b" {
 		t.Fatalf("plan %+v %v, want node b", plan, perr)
 	}
 	// With only the unservable copy, wait (Retry-After 3) and say why.
-	_, perr = Place(cat, &fleet.Snapshot{Nodes: []*fleet.Node{sick}}, cat.Profile("M"), PlacementState{})
+	_, perr = Place(cat, &fleet.Snapshot{Nodes: []*fleet.Node{sick}}, nil, cat.Profile("M"), PlacementState{})
 	if perr == nil || perr.RetryAfter != 3 || !strings.Contains(perr.Message, "insufficient_vram") {
 		t.Fatalf("got %v, want 503 Retry-After 3 naming the neuron's reason", perr)
 	}

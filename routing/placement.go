@@ -1,7 +1,10 @@
 package routing
 
 import (
+	"cmp"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -14,15 +17,21 @@ import (
 
 // Plan is where a cold load goes and what must make room for it.
 type Plan struct {
-	Node    string          // chosen node
-	Spec    neuron.LoadSpec // body of POST /models/load
-	FitsNow bool            // fits in the node's free VRAM without evicting
+	Node string // chosen node
+	// Spec is the body of POST /models/load; Spec.Devices are exactly the
+	// devices the fit test chose.
+	Spec neuron.LoadSpec
+	// PerDeviceMB is the VRAM the load takes on each of Spec.Devices.
+	PerDeviceMB int64
+	FitsNow     bool // fits in the node's free VRAM without evicting
 	// Evict lists the resident models to unload first, least recently used
-	// first: the shortest such prefix that makes the model fit. Empty when
-	// FitsNow.
+	// first: the shortest such prefix that frees room on Spec.Devices.
+	// Empty when FitsNow.
 	Evict []string
 	// Ranked is every candidate node, best first (for logs and fallback).
 	Ranked []string
+
+	victims []resident // Evict, with the devices and VRAM each gives back
 }
 
 // PlacementState is the live, non-snapshot input to placement. Nil funcs
@@ -92,6 +101,20 @@ func Feasible(p *catalogue.Profile, n *fleet.Node) (ok bool, why string) {
 			return false, fmt.Sprintf("%s, %d with ≥%d MB", plural(total, "device"), e, p.MinDeviceVRAMMB)
 		}
 	}
+	// Even with every model there gone, the k largest eligible devices
+	// cannot hold the declared size: no retry will change that.
+	if p.VRAMMB > 0 {
+		totals := map[int]int64{}
+		for _, d := range n.Discovery.Devices {
+			totals[d.Index] = d.VRAMTotalMB
+		}
+		if top := topFree(totals, eligibleDevices(p, n), k); len(top) < k || top[k-1] < ceilDiv(p.VRAMMB, int64(k)) {
+			if k == 1 && len(top) == 1 {
+				return false, fmt.Sprintf("can never fit: needs %d MB on one device, its largest holds %d MB in all", p.VRAMMB, top[0])
+			}
+			return false, fmt.Sprintf("can never fit: needs %d MB on each of %d devices, its largest hold %v MB in all", ceilDiv(p.VRAMMB, int64(k)), k, top)
+		}
+	}
 	return true, ""
 }
 
@@ -110,16 +133,12 @@ func eligibleDevices(p *catalogue.Profile, n *fleet.Node) []int {
 	return out
 }
 
-// LoadSpecFor is the POST /models/load body for p on n (neuron-api.md): the
-// first min_devices eligible devices in discovery order, tensor_parallel only
-// when more than one device, the source-prefixed id, quant null when unset.
-func LoadSpecFor(p *catalogue.Profile, n *fleet.Node) neuron.LoadSpec {
+// LoadSpecFor is the POST /models/load body for p on the devices placement
+// chose (neuron-api.md): tensor_parallel only when more than one device,
+// the source-prefixed id, quant null when unset.
+func LoadSpecFor(p *catalogue.Profile, devices []int) neuron.LoadSpec {
 	k := p.Devices()
-	devs := eligibleDevices(p, n)
-	if len(devs) > k {
-		devs = devs[:k]
-	}
-	spec := neuron.LoadSpec{ModelID: p.LoadID(), Harness: p.Harness, Devices: devs}
+	spec := neuron.LoadSpec{ModelID: p.LoadID(), Harness: p.Harness, Devices: slices.Clone(devices)}
 	if p.Quant != "" {
 		q := p.Quant
 		spec.Quant = &q
@@ -146,46 +165,61 @@ type nodeFit struct {
 	eligible []int
 	k        int
 	need     int64
+	perDev   int64 // need on each of the k devices
 	freeSum  int64 // free VRAM on eligible devices now
 	fitsNow  bool
-	// evict is the LRU prefix of the evictable residents, within the
-	// eviction budget, that makes the model fit; when it cannot be made to
-	// fit, every resident the budget allowed.
-	evict     []string
+	// devices are the k devices the load goes to: those with the most free
+	// VRAM when it fits now, else those the evictions free room on.
+	devices []int
+	// evict is the LRU prefix of the evictable residents on devices, within
+	// the eviction budget, that makes the model fit; when it cannot be made
+	// to fit, every resident the budget allowed.
+	evict     []resident
 	fitsAfter bool
-	after     []int64  // the k largest eligible free figures after evict
+	after     []int64  // free VRAM on devices after evict
 	blockers  []string // residents that could not be evicted, and why
 	capped    bool     // stopped at the eviction budget with evictable residents left
 }
 
-// evaluateNode decides whether p fits on n given per-device free VRAM, and
-// which residents to evict (LRU first) if not. skip lists residents already
-// unloaded (the snapshot may still show them). budget < 0 is unbounded.
+// evaluateNode decides whether p fits on n given per-device free VRAM (the
+// ledger's view), on which devices, and which residents to evict (LRU
+// first) if not. budget < 0 is unbounded.
 //
 // The eviction candidates exclude models in flight (through us, or queued or
-// running on the neuron): they are never evicted, so counting their VRAM as
-// reclaimable would rank a node first that cannot actually take the load.
-func evaluateNode(cat *catalogue.Catalogue, p *catalogue.Profile, n *fleet.Node, free map[int]int64, st PlacementState, skip map[string]bool, budget int) nodeFit {
+// running on the neuron), models being evicted or loaded already, and
+// models the neuron is reloading: they are never evicted, so counting their
+// VRAM as reclaimable would rank a node first that cannot actually take the
+// load.
+func evaluateNode(cat *catalogue.Catalogue, p *catalogue.Profile, n *fleet.Node, eligible []int, free map[int]int64, view *Commitments, st PlacementState, budget int) nodeFit {
 	f := nodeFit{
 		node:     n,
 		pinned:   p.PinnedTo(n.Name),
-		eligible: eligibleDevices(p, n),
+		eligible: eligible,
 		k:        p.Devices(),
 		need:     p.VRAMMB,
 	}
+	f.perDev = ceilDiv(f.need, int64(f.k))
 	for _, d := range f.eligible {
 		if v := free[d]; v > 0 {
 			f.freeSum += v
 		}
 	}
 	f.fitsNow = fits(free, f.eligible, f.k, f.need)
+	if f.fitsNow {
+		f.devices = topDevices(free, f.eligible, f.k)
+		f.fitsAfter = true
+		f.after = pick(free, f.devices)
+		return f
+	}
 
 	var cands []resident
 	for _, m := range n.Models {
-		if m.ID == p.ID || !m.Status.Resident() || skip[m.ID] {
+		if m.ID == p.ID || !m.Status.Resident() || view.Blocked(n, m.ID) {
 			continue
 		}
 		switch {
+		case m.Status != neuron.StatusLoaded:
+			f.blockers = append(f.blockers, fmt.Sprintf("%s (%s)", m.ID, m.Status))
 		case !cat.MayDisplace(p.ID, m.ID):
 			f.blockers = append(f.blockers, fmt.Sprintf("%s (priority %d)", m.ID, cat.Priority(m.ID)))
 		case st.inFlight(n.Name, m.ID) > 0:
@@ -203,24 +237,78 @@ func evaluateNode(cat *catalogue.Catalogue, p *catalogue.Profile, n *fleet.Node,
 		return cands[i].id < cands[j].id
 	})
 
-	after := make(map[int]int64, len(free))
-	for d, v := range free {
-		after[d] = v
-	}
+	// The target devices are those with the most room once everything
+	// evictable there is gone; only residents on them are worth evicting.
+	potential := maps.Clone(free)
 	for _, r := range cands {
-		if fits(after, f.eligible, f.k, f.need) {
+		reclaim(potential, r, n)
+	}
+	f.devices = topDevices(potential, f.eligible, f.k)
+	roomOn := func(m map[int]int64) bool {
+		for _, d := range f.devices {
+			if m[d] < f.perDev {
+				return false
+			}
+		}
+		return len(f.devices) == f.k
+	}
+	after := maps.Clone(free)
+	for _, r := range cands {
+		if roomOn(after) {
 			break
+		}
+		if !r.on(f.devices) {
+			continue
 		}
 		if budget >= 0 && len(f.evict) >= budget {
 			f.capped = true
 			break
 		}
-		f.evict = append(f.evict, r.id)
+		f.evict = append(f.evict, r)
 		reclaim(after, r, n)
 	}
-	f.fitsAfter = fits(after, f.eligible, f.k, f.need)
-	f.after = topFree(after, f.eligible, f.k)
+	f.fitsAfter = roomOn(after)
+	f.after = pick(after, f.devices)
 	return f
+}
+
+// on reports whether r occupies any of devices (a resident whose devices
+// the neuron did not report may occupy any).
+func (r resident) on(devices []int) bool {
+	if len(r.devices) == 0 {
+		return true
+	}
+	for _, d := range r.devices {
+		if slices.Contains(devices, d) {
+			return true
+		}
+	}
+	return false
+}
+
+// topDevices is the k eligible devices with the most free VRAM, most first,
+// ties by index.
+func topDevices(free map[int]int64, eligible []int, k int) []int {
+	devs := slices.Clone(eligible)
+	slices.SortStableFunc(devs, func(a, b int) int {
+		if free[a] != free[b] {
+			return cmp.Compare(free[b], free[a])
+		}
+		return cmp.Compare(a, b)
+	})
+	if len(devs) > k {
+		devs = devs[:k]
+	}
+	return devs
+}
+
+// pick is free VRAM on devices, in their order.
+func pick(free map[int]int64, devices []int) []int64 {
+	out := make([]int64, len(devices))
+	for i, d := range devices {
+		out[i] = free[d]
+	}
+	return out
 }
 
 // residentVRAM is what unloading m gives back: its reported use, else the
@@ -235,9 +323,21 @@ func residentVRAM(cat *catalogue.Catalogue, m *neuron.Model) int64 {
 	return 0
 }
 
-// reclaim credits r's VRAM back to its devices, split evenly; a model whose
-// devices the neuron did not report is spread over all of the node's devices.
+// reclaim credits r's VRAM back to its devices, split evenly, never above
+// a device's total.
 func reclaim(free map[int]int64, r resident, n *fleet.Node) {
+	devs, share := r.shares(n)
+	for _, d := range devs {
+		free[d] += share
+		if t, ok := deviceTotal(n, d); ok && free[d] > t {
+			free[d] = t
+		}
+	}
+}
+
+// shares is where r's VRAM is, split evenly: a model whose devices the
+// neuron did not report is spread over all of the node's devices.
+func (r resident) shares(n *fleet.Node) ([]int, int64) {
 	devs := r.devices
 	if len(devs) == 0 && n.Discovery != nil {
 		for _, d := range n.Discovery.Devices {
@@ -245,12 +345,21 @@ func reclaim(free map[int]int64, r resident, n *fleet.Node) {
 		}
 	}
 	if len(devs) == 0 {
-		return
+		return nil, 0
 	}
-	share := r.vram / int64(len(devs))
-	for _, d := range devs {
-		free[d] += share
+	return devs, r.vram / int64(len(devs))
+}
+
+func deviceTotal(n *fleet.Node, index int) (int64, bool) {
+	if n.Discovery == nil {
+		return 0, false
 	}
+	for _, d := range n.Discovery.Devices {
+		if d.Index == index {
+			return d.VRAMTotalMB, true
+		}
+	}
+	return 0, false
 }
 
 // fits is routing.md's "fits in free VRAM": k of the eligible devices each
@@ -316,7 +425,12 @@ func residentUnservable(n *fleet.Node, model string) string {
 // this catalogue → no_feasible_neuron naming each node's failed constraint;
 // the best candidate cannot be made to fit within the eviction bound → 503
 // Retry-After 5 naming what blocked.
-func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, p *catalogue.Profile, st PlacementState) (Plan, *apierr.Error) {
+//
+// Free VRAM is the ledger's (view): loads in progress and finished since
+// the last poll are taken, evictions finished since are given back. Read
+// view before snap, so that the snapshot is at least as new as the poll the
+// view was reconciled with.
+func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, p *catalogue.Profile, st PlacementState) (Plan, *apierr.Error) {
 	var nodes []*fleet.Node
 	if snap != nil {
 		nodes = snap.Nodes
@@ -356,7 +470,7 @@ func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, p *catalogue.Profile,
 			cooldown = true
 			notes = append(notes, n.Name+": a cold load there failed recently (cool-down)")
 		default:
-			f := evaluateNode(cat, p, n, n.FreeVRAM(), st, nil, st.evictionBudget())
+			f := evaluateNode(cat, p, n, eligibleDevices(p, n), view.Free(n), view, st, st.evictionBudget())
 			cands = append(cands, &f)
 		}
 	}
@@ -378,22 +492,28 @@ func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, p *catalogue.Profile,
 		ranked[i] = c.node.Name
 	}
 	top := cands[0]
-	plan := Plan{Node: top.node.Name, Spec: LoadSpecFor(p, top.node), FitsNow: top.fitsNow, Ranked: ranked}
+	plan := Plan{Node: top.node.Name, Spec: LoadSpecFor(p, top.devices), PerDeviceMB: top.perDev, FitsNow: top.fitsNow, Ranked: ranked}
 	if top.fitsNow {
 		return plan, nil
 	}
 	if !top.fitsAfter {
-		return plan, apierr.Unavailable(5, "model %q: %s; retry later, or unload a model there", p.ID, noRoom(p, top, nil, st.MaxEvictions))
+		return plan, apierr.Unavailable(5, "model %q: %s; retry later, or unload a model there", p.ID, noRoom(p, top, st.MaxEvictions))
 	}
-	plan.Evict = top.evict
+	plan.victims = top.evict
+	for _, r := range top.evict {
+		plan.Evict = append(plan.Evict, r.id)
+	}
 	return plan, nil
 }
 
 // noRoom explains why f cannot take p: what it needs, what it has after the
-// evictions considered (plus already, those already done), and what blocked.
-func noRoom(p *catalogue.Profile, f *nodeFit, already []string, maxEvictions int) string {
+// evictions considered, and what blocked.
+func noRoom(p *catalogue.Profile, f *nodeFit, maxEvictions int) string {
 	var b strings.Builder
-	evicted := append(append([]string(nil), already...), f.evict...)
+	var evicted []string
+	for _, r := range f.evict {
+		evicted = append(evicted, r.id)
+	}
 	if f.k == 1 {
 		has := int64(0)
 		if len(f.after) > 0 {
@@ -401,7 +521,7 @@ func noRoom(p *catalogue.Profile, f *nodeFit, already []string, maxEvictions int
 		}
 		fmt.Fprintf(&b, "%s: needs %d MB free on one device, has %d MB", f.node.Name, f.need, has)
 	} else {
-		fmt.Fprintf(&b, "%s: needs %d MB free on each of %d devices, has %v MB", f.node.Name, ceilDiv(f.need, int64(f.k)), f.k, f.after)
+		fmt.Fprintf(&b, "%s: needs %d MB free on each of %d devices, has %v MB on devices %v", f.node.Name, f.perDev, f.k, f.after, f.devices)
 	}
 	if len(evicted) > 0 {
 		fmt.Fprintf(&b, " after evicting %v", evicted)
@@ -425,6 +545,13 @@ func requirement(p *catalogue.Profile) string {
 	s := plural(p.Devices(), "device")
 	if p.MinDeviceVRAMMB > 0 {
 		s += fmt.Sprintf(" with ≥%d MB", p.MinDeviceVRAMMB)
+	}
+	if p.VRAMMB > 0 {
+		if p.Devices() == 1 {
+			s += fmt.Sprintf(" and %d MB of VRAM", p.VRAMMB)
+		} else {
+			s += fmt.Sprintf(" and %d MB of VRAM (%d MB on each)", p.VRAMMB, ceilDiv(p.VRAMMB, int64(p.Devices())))
+		}
 	}
 	if len(p.PinnedOn) > 0 {
 		s += fmt.Sprintf(" on one of pinned_on %v", p.PinnedOn)

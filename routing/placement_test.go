@@ -191,7 +191,7 @@ func TestPlace(t *testing.T) {
 				node("rig2", gpus(dev{rtx4090, 20000}, dev{12288, 12000})),
 				unhealthy(node("rig3", gpus(dev{rtx4090, 20000})))),
 			wantCode: apierr.CodeNoFeasibleNeuron,
-			wantMsg: []string{`model "org/tp2" needs 2 devices with ≥24000 MB; no healthy neuron has them ` +
+			wantMsg: []string{`model "org/tp2" needs 2 devices with ≥24000 MB and 45000 MB of VRAM (22500 MB on each); no healthy neuron has them ` +
 				`(beast: 1 device; rig2: 2 devices, 1 with ≥24000 MB; rig3: 1 device)`},
 		},
 		{
@@ -333,7 +333,7 @@ func TestPlace(t *testing.T) {
 				InFlight:     func(_, model string) int { return tc.ours[model] },
 				MaxEvictions: tc.maxEvictions,
 			}
-			plan, err := Place(cat, tc.fleet, cat.Profile(tc.model), st)
+			plan, err := Place(cat, tc.fleet, nil, cat.Profile(tc.model), st)
 			if tc.wantCode != "" {
 				if err == nil {
 					t.Fatalf("Place = %+v, want error %s", plan, tc.wantCode)

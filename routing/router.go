@@ -9,7 +9,8 @@ import (
 	"github.com/helexa/cortex-extproc/fleet"
 )
 
-// Target is the neuron a request goes to.
+// Target is the neuron a request goes to. It is a plain value: the
+// request's in-flight count is the Lease its holder passed to Route.
 type Target struct {
 	Requested string // model the client named
 	Model     string // concrete id
@@ -18,24 +19,17 @@ type Target struct {
 	Endpoint  string // inference base URL
 	ColdStart bool   // the request triggered or waited on a load
 	Step      Step
-
-	lease Lease
 }
 
-// Release ends this request's "in flight through us" count on the chosen
-// (node, model); eviction never picks a model with requests in flight.
-// Safe to call more than once and on a zero Target; a copy of a Target
-// shares nothing with it, so release only the copy you keep.
-func (t *Target) Release() { t.lease.Release() }
-
 // Router is the routing entry point for the ext_proc server: it reads the
-// current catalogue and fleet snapshots, decides, and hands step 5 to the
-// ColdLoader.
+// current catalogue, ledger and fleet snapshots, decides, and hands step 5
+// to the ColdLoader.
 type Router struct {
 	catalogue func() *catalogue.Catalogue
 	fleet     func() *fleet.Snapshot
 	loader    *ColdLoader
 	usage     *Usage
+	ledger    func() *Commitments
 }
 
 // NewRouter builds a Router. loader may be nil, in which case a model that
@@ -44,7 +38,11 @@ func NewRouter(cat func() *catalogue.Catalogue, fl func() *fleet.Snapshot, loade
 	if usage == nil {
 		usage = NewUsage()
 	}
-	return &Router{catalogue: cat, fleet: fl, loader: loader, usage: usage}
+	r := &Router{catalogue: cat, fleet: fl, loader: loader, usage: usage, ledger: func() *Commitments { return nil }}
+	if loader != nil {
+		r.ledger = loader.ledger.View
+	}
+	return r
 }
 
 // Waiter is a request held for a cold load.
@@ -52,8 +50,11 @@ type Waiter interface {
 	// Model is the concrete id being loaded.
 	Model() string
 	// Wait blocks until the load finished or ctx is done, then routes to the
-	// node the model was loaded on. It always gives up its waiter slot.
-	Wait(ctx context.Context) (Target, *apierr.Error)
+	// node the model was loaded on, counting the request in flight there
+	// into lease. It always gives up its waiter slot.
+	Wait(ctx context.Context, lease *Lease) (Target, *apierr.Error)
+	// Leave gives up the waiter slot without waiting (the stream is gone).
+	Leave()
 }
 
 // Pending is the Waiter for a ColdLoader flight.
@@ -63,31 +64,38 @@ type Pending struct {
 	flight *Flight
 }
 
-// Route decides for one request. When the model must be cold-loaded it
-// returns a Waiter (nil otherwise); the caller first tells Envoy to wait
-// longer, then calls Wait.
-func (r *Router) Route(requested string) (Target, Waiter, *apierr.Error) {
+// Route decides for one request. A routed request is counted in flight on
+// its target into lease, which the caller owns and releases once the
+// upstream answered. When the model must be cold-loaded it returns a
+// Waiter (nil otherwise); the caller first tells Envoy to wait longer,
+// then calls Wait.
+func (r *Router) Route(requested string, lease *Lease) (Target, Waiter, *apierr.Error) {
 	for attempt := 1; ; attempt++ {
+		view := r.ledger()
 		snap := r.fleet()
-		t, w, err := r.route(snap, requested)
-		// An eviction hides its victim, then checks that nothing is in
-		// flight on it; we count as in flight now, so if the fleet view
-		// changed since we decided, make sure our replica is still listed.
-		if err != nil || w != nil || attempt == 3 || r.fleet() == snap || listed(r.fleet(), t.Node, t.Model) {
+		t, w, err := r.route(snap, view, requested, lease)
+		// An eviction claims its victim, then checks that nothing is in
+		// flight on it; we count as in flight now, so if the ledger changed
+		// since we decided, make sure our replica is not claimed.
+		if err != nil || w != nil || attempt == 3 || !r.claimedSince(view, snap, t.Node, t.Model) {
 			return t, w, err
 		}
-		t.Release()
+		lease.Release()
 	}
 }
 
-// listed reports whether snap lists model on node.
-func listed(snap *fleet.Snapshot, node, model string) bool {
+// claimedSince reports whether an eviction claimed model on node after view.
+func (r *Router) claimedSince(view *Commitments, snap *fleet.Snapshot, node, model string) bool {
+	cur := r.ledger()
+	if cur == view {
+		return false
+	}
 	n := snap.Node(node)
-	return n != nil && n.Model(model) != nil
+	return n != nil && cur.Blocked(n, model)
 }
 
-func (r *Router) route(snap *fleet.Snapshot, requested string) (Target, Waiter, *apierr.Error) {
-	d, err := Decide(r.catalogue(), snap, requested)
+func (r *Router) route(snap *fleet.Snapshot, view *Commitments, requested string, lease *Lease) (Target, Waiter, *apierr.Error) {
+	d, err := Decide(r.catalogue(), snap, view, requested)
 	if err != nil {
 		return Target{Requested: requested, Model: d.Model}, nil, err
 	}
@@ -102,41 +110,47 @@ func (r *Router) route(snap *fleet.Snapshot, requested string) (Target, Waiter, 
 		}
 		return Target{}, &Pending{r: r, d: d, flight: f}, nil
 	}
-	return r.target(d), nil, nil
+	r.usage.Use(d.Node, d.Model, lease)
+	return target(d), nil, nil
 }
 
 // Model reports the concrete id a pending request waits for.
 func (p *Pending) Model() string { return p.d.Model }
 
-// Wait implements Waiter.
-func (p *Pending) Wait(ctx context.Context) (Target, *apierr.Error) {
-	node, err := p.flight.Wait(ctx)
-	if err != nil {
-		return Target{Requested: p.d.Requested, Model: p.d.Model, ColdStart: true}, err
-	}
+// Leave implements Waiter.
+func (p *Pending) Leave() { p.flight.release() }
+
+// Wait implements Waiter. The waiter slot is given back only once the
+// request holds its own lease: until then the flight's own lease keeps the
+// fresh model from being evicted (docs/cold-loads.md).
+func (p *Pending) Wait(ctx context.Context, lease *Lease) (Target, *apierr.Error) {
+	defer p.flight.release()
 	d := p.d
+	failed := Target{Requested: d.Requested, Model: d.Model, ColdStart: true}
+	node, err := p.flight.wait(ctx)
+	if err != nil {
+		return failed, err
+	}
+	view := p.r.ledger()
 	snap := p.r.fleet()
 	n := snap.Node(node)
 	if n == nil {
-		return Target{Requested: d.Requested, Model: d.Model, ColdStart: true},
-			apierr.Unavailable(5, "model %q was loaded on %s, which has since left the fleet; retry", d.Model, node)
+		return failed, apierr.Unavailable(5, "model %q was loaded on %s, which has since left the fleet; retry", d.Model, node)
 	}
 	m := n.Model(d.Model)
 	if m == nil || m.Endpoint == "" {
-		return Target{Requested: d.Requested, Model: d.Model, ColdStart: true},
-			apierr.Unavailable(2, "model %q was loaded on %s but its inference endpoint could not be resolved; retry shortly", d.Model, node)
+		return failed, apierr.Unavailable(2, "model %q was loaded on %s but its inference endpoint could not be resolved; retry shortly", d.Model, node)
 	}
 	d.Node, d.Cluster, d.Endpoint = n.Name, n.Cluster, m.Endpoint
-	t := p.r.target(d)
-	if cur := p.r.fleet(); cur != snap && !listed(cur, d.Node, d.Model) { // see Route
-		t.Release()
-		return Target{Requested: d.Requested, Model: d.Model, ColdStart: true},
-			apierr.Unavailable(2, "model %q was evicted from %s right after loading; retry", d.Model, node)
+	p.r.usage.Use(d.Node, d.Model, lease)
+	if view.Blocked(n, d.Model) || p.r.claimedSince(view, snap, d.Node, d.Model) { // see Route
+		lease.Release()
+		return failed, apierr.Unavailable(2, "model %q was evicted from %s right after loading; retry", d.Model, node)
 	}
-	return t, nil
+	return target(d), nil
 }
 
-func (r *Router) target(d Decision) Target {
+func target(d Decision) Target {
 	return Target{
 		Requested: d.Requested,
 		Model:     d.Model,
@@ -145,7 +159,6 @@ func (r *Router) target(d Decision) Target {
 		Endpoint:  d.Endpoint,
 		ColdStart: d.ColdStart,
 		Step:      d.Step,
-		lease:     r.usage.Use(d.Node, d.Model),
 	}
 }
 

@@ -55,40 +55,37 @@ func (u *Usage) LastAccess(node, model string) time.Time {
 	return time.Unix(0, ns)
 }
 
-// Acquire counts a request in flight on model at node until the returned
-// release is called. Release is idempotent, so a deferred release and an
-// early one cannot double-count.
-func (u *Usage) Acquire(node, model string) (release func()) {
-	e := u.entry(node, model)
-	e.inFlight.Add(1)
-	var done atomic.Bool
-	return func() {
-		if done.CompareAndSwap(false, true) {
-			e.inFlight.Add(-1)
-		}
-	}
-}
-
 // Lease is one request in flight through us on a (node, model), from
-// Usage.Use until Release.
-type Lease struct{ e *usageEntry }
+// Usage.Use until Release. It is owned by whoever holds the request (the
+// ext_proc stream, a cold-load flight): it cannot be copied (go vet says
+// so), and Release is safe to call more than once and from several
+// goroutines, so the count can neither leak nor go negative.
+type Lease struct{ e atomic.Pointer[usageEntry] }
 
-// Use is Touch and Acquire in one lookup, without allocating: the per-request
-// call of the router.
-func (u *Usage) Use(node, model string) Lease {
+// Use touches (node, model) and counts a request in flight on it into l,
+// without allocating: the per-request call of the router. A lease l
+// already held is released first.
+func (u *Usage) Use(node, model string, l *Lease) {
 	e := u.entry(node, model)
 	e.lastAccess.Store(time.Now().UnixNano())
 	e.inFlight.Add(1)
-	return Lease{e: e}
-}
-
-// Release ends the lease; later calls do nothing.
-func (l *Lease) Release() {
-	if l.e != nil {
-		l.e.inFlight.Add(-1)
-		l.e = nil
+	if old := l.e.Swap(e); old != nil {
+		old.inFlight.Add(-1)
 	}
 }
+
+// Release ends the lease; later calls do nothing. Nil-safe.
+func (l *Lease) Release() {
+	if l == nil {
+		return
+	}
+	if e := l.e.Swap(nil); e != nil {
+		e.inFlight.Add(-1)
+	}
+}
+
+// Held reports whether the lease counts a request in flight.
+func (l *Lease) Held() bool { return l != nil && l.e.Load() != nil }
 
 // InFlight is the number of requests in flight on model at node through us.
 func (u *Usage) InFlight(node, model string) int {

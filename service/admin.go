@@ -41,6 +41,9 @@ type fleetView struct {
 	Taken     time.Time            `json:"taken"`
 	Nodes     []nodeView           `json:"nodes"`
 	Loads     []routing.FlightInfo `json:"loads_in_progress"`
+	// Ledger lists what loads and evictions committed beyond the last
+	// poll (docs/cold-loads.md).
+	Ledger []routing.LedgerEntry `json:"ledger"`
 }
 
 type catalogueView struct {
@@ -71,7 +74,10 @@ type deviceView struct {
 	Index       int    `json:"index"`
 	Name        string `json:"name"`
 	VRAMTotalMB int64  `json:"vram_total_mb"`
-	VRAMFreeMB  int64  `json:"vram_free_mb"`
+	VRAMFreeMB  int64  `json:"vram_free_mb"` // as the neuron last reported
+	// LedgerFreeMB is what placement decides on: the report, less loads in
+	// progress and finished since, plus evictions finished since.
+	LedgerFreeMB int64 `json:"ledger_free_mb"`
 }
 
 type nodeModelView struct {
@@ -90,6 +96,7 @@ type nodeModelView struct {
 
 func (s *Service) debugFleet(w http.ResponseWriter, _ *http.Request) {
 	cat := s.store.Load()
+	view := s.loader.Commitments()
 	snap := s.poller.Snapshot()
 	v := fleetView{
 		Catalogue: catalogueView{Generation: s.store.Generation(), Hash: cat.Hash, Models: len(cat.Models()), Aliases: len(cat.Aliases())},
@@ -97,9 +104,10 @@ func (s *Service) debugFleet(w http.ResponseWriter, _ *http.Request) {
 		Taken:     snap.Taken,
 		Nodes:     make([]nodeView, 0, len(snap.Nodes)),
 		Loads:     s.loader.InProgress(),
+		Ledger:    view.Entries(),
 	}
 	for _, n := range snap.Nodes {
-		v.Nodes = append(v.Nodes, s.nodeView(n))
+		v.Nodes = append(v.Nodes, s.nodeView(n, view))
 	}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
@@ -107,17 +115,18 @@ func (s *Service) debugFleet(w http.ResponseWriter, _ *http.Request) {
 	enc.Encode(v)
 }
 
-func (s *Service) nodeView(n *fleet.Node) nodeView {
+func (s *Service) nodeView(n *fleet.Node, view *routing.Commitments) nodeView {
 	nv := nodeView{
 		Name: n.Name, Cluster: n.Cluster, Endpoint: n.Endpoint, Healthy: n.Healthy,
 		ConsecutiveFailures: n.ConsecutiveFailures, LastPoll: timeOrNil(n.LastPoll), LastSuccess: timeOrNil(n.LastSuccess),
 		LastError: n.LastError, Devices: []deviceView{}, Models: []nodeModelView{},
 	}
 	if n.Discovery != nil {
-		free := n.FreeVRAM()
+		free, ledger := n.FreeVRAM(), view.Free(n)
 		nv.CUDAUnavailable = n.Discovery.CUDAUnavailableReason
 		for _, d := range n.Discovery.Devices {
-			nv.Devices = append(nv.Devices, deviceView{Index: d.Index, Name: d.Name, VRAMTotalMB: d.VRAMTotalMB, VRAMFreeMB: free[d.Index]})
+			nv.Devices = append(nv.Devices, deviceView{Index: d.Index, Name: d.Name, VRAMTotalMB: d.VRAMTotalMB,
+				VRAMFreeMB: free[d.Index], LedgerFreeMB: ledger[d.Index]})
 		}
 	}
 	if n.Health != nil {

@@ -122,12 +122,11 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		MaxWaiters:      cfg.ColdLoad.MaxWaiters,
 		FailureCooldown: cfg.ColdLoad.Cooldown(),
 	}, routing.ColdLoadDeps{
-		Catalogue:  s.store.Load,
-		Fleet:      s.poller.Snapshot,
-		Neuron:     s.neuron,
-		MarkLoaded: s.poller.MarkLoaded,
-		// Evictions hide their victim at once: the next poll is too late.
-		MarkUnloaded: s.poller.MarkUnloaded,
+		Catalogue:    s.store.Load,
+		Fleet:        s.poller.Snapshot,
+		Neuron:       s.neuron,
+		MarkLoaded:   s.poller.MarkLoaded,
+		FleetChanged: s.poller.Changed,
 		Usage:        usage,
 		Log:          log,
 		Observer:     s.metrics,

@@ -280,8 +280,10 @@ type neuronView struct {
 }
 
 type loadView struct {
-	Node  string   `json:"node"`
-	Evict []string `json:"evict"`
+	Node        string   `json:"node"`
+	Devices     []int    `json:"devices"`
+	PerDeviceMB int64    `json:"per_device_mb"`
+	Evict       []string `json:"evict"`
 }
 
 type errorView struct {
@@ -333,7 +335,7 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		return fmt.Errorf("the fleet poll did not finish within %s; check the neurons' endpoints and poll.timeout", limit)
 	}
 	snap := p.Snapshot()
-	d, aerr := routing.Decide(cat, snap, model)
+	d, aerr := routing.Decide(cat, snap, nil, model)
 	v := decisionView{Requested: model, Model: d.Model, Node: d.Node, Cluster: d.Cluster, Endpoint: d.Endpoint, ColdStart: d.ColdStart,
 		Neurons: []neuronView{}}
 	for _, n := range snap.Nodes {
@@ -348,7 +350,7 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		v.Action = "route to the node that knows it; the neuron reloads it lazily"
 	case d.Step == routing.StepColdLoad:
 		usage := routing.NewUsage()
-		plan, perr := routing.Place(cat, snap, cat.Profile(d.Model), routing.PlacementState{
+		plan, perr := routing.Place(cat, snap, nil, cat.Profile(d.Model), routing.PlacementState{
 			LastAccess:   usage.LastAccess,
 			InFlight:     usage.InFlight,
 			MaxEvictions: cfg.ColdLoad.EvictionLimit(),
@@ -359,7 +361,7 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		} else {
 			v.Action = "cold load"
 			v.Node, v.Cluster = plan.Node, snap.Node(plan.Node).Cluster
-			v.Load = &loadView{Node: plan.Node, Evict: append([]string{}, plan.Evict...)}
+			v.Load = &loadView{Node: plan.Node, Devices: append([]int{}, plan.Spec.Devices...), PerDeviceMB: plan.PerDeviceMB, Evict: append([]string{}, plan.Evict...)}
 		}
 	}
 	if aerr != nil {
@@ -415,6 +417,7 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		if len(v.Load.Evict) > 0 {
 			evict = strings.Join(v.Load.Evict, ", ")
 		}
+		fmt.Fprintf(out, "devices:    %v (%d MB each)\n", v.Load.Devices, v.Load.PerDeviceMB)
 		fmt.Fprintf(out, "would evict: %s\n", evict)
 	}
 	return nil
