@@ -1,7 +1,7 @@
 // Package e2e runs cortex-extproc end to end: neuron-sim and cortex-extproc
 // as real processes, envoyLite (an in-test stand-in for Envoy's ext_proc
-// filter and cluster_header route, envoylite_test.go) in front, and the
-// official OpenAI Go SDK as the client.
+// filter and envoy/envoy.yaml's route table, envoylite_test.go) in front,
+// and the official OpenAI Go SDK as the client.
 package e2e
 
 import (

@@ -9,24 +9,32 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+
+	"github.com/helexa/cortex-extproc/envoy"
 )
 
 // envoyLite is an http.Handler that stands in for Envoy configured as
 // envoy/envoy.yaml configures it: an HTTP connection manager with the
 // ext_proc filter (request headers SEND, request body BUFFERED, response
 // headers SEND, response body NONE, failure_mode_allow false) in front of
-// a catch-all route with `cluster_header: x-cortex-cluster`.
+// envoy.yaml's own route table, parsed from the file (envoy.RouteTable):
+// the inference paths and GET /v1/models[/{id}] go through ext_proc to
+// the cluster named in `x-cortex-cluster`; every other request gets the
+// table's direct_response 404, without an ext_proc stream (ext_proc is
+// disabled on that route) and without touching any upstream.
 //
 // It follows shared/docs/envoy-ext-proc.md strictly, so that a protocol
 // mistake in cortex-extproc fails a test here the way it would fail in
@@ -45,8 +53,8 @@ type envoyLite struct {
 	ep       extprocv3.ExternalProcessorClient
 	clusters map[string]string // Envoy cluster name → upstream base URL
 	upstream *http.Client
+	routes   *envoy.RouteTable
 
-	clusterHeader      string
 	messageTimeout     time.Duration
 	maxMessageTimeout  time.Duration
 	bufferLimit        int
@@ -66,9 +74,39 @@ type envoyLiteConfig struct {
 	MessageTimeout    time.Duration // 30s
 	MaxMessageTimeout time.Duration // 1h
 	BufferLimit       int           // 32 MiB
+	// EnvoyConfig is the bootstrap whose route table envoyLite applies;
+	// empty: envoyYAML.
+	EnvoyConfig string
+}
+
+// envoyYAML is the config envoyLite stands in for.
+const envoyYAML = "../envoy/envoy.yaml"
+
+// loadRouteTable parses the route table of an Envoy bootstrap file.
+func loadRouteTable(path string) (*envoy.RouteTable, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("envoylite: %w", err)
+	}
+	b, err := envoy.ParseBootstrapYAML(data)
+	if err != nil {
+		return nil, fmt.Errorf("envoylite: %s: %w", path, err)
+	}
+	rt, err := envoy.InferenceRouteTable(b)
+	if err != nil {
+		return nil, fmt.Errorf("envoylite: %s: %w", path, err)
+	}
+	return rt, nil
 }
 
 func newEnvoyLite(cfg envoyLiteConfig) (*envoyLite, error) {
+	if cfg.EnvoyConfig == "" {
+		cfg.EnvoyConfig = envoyYAML
+	}
+	routes, err := loadRouteTable(cfg.EnvoyConfig)
+	if err != nil {
+		return nil, err
+	}
 	// Envoy accepts replies of any size (EnvoyGrpc max_receive_message_length
 	// 0); grpc-go's client default would cap the rewritten body at 4 MiB.
 	conn, err := grpc.NewClient(cfg.ExtProcAddr,
@@ -86,7 +124,7 @@ func newEnvoyLite(cfg envoyLiteConfig) (*envoyLite, error) {
 			// Envoy's router does not follow redirects.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		clusterHeader:      "x-cortex-cluster",
+		routes:             routes,
 		messageTimeout:     cfg.MessageTimeout,
 		maxMessageTimeout:  cfg.MaxMessageTimeout,
 		bufferLimit:        cfg.BufferLimit,
@@ -182,8 +220,39 @@ type localReply struct {
 	flags   string
 	body    string
 	headers headerList // applied over the defaults (immediate responses)
+	// router: sent by the router filter (direct_response, NR, NC, UF), so
+	// it still passes through ext_proc's response path; ext_proc's own
+	// immediate responses and errors end processing first.
+	router bool
 	// clientGone: nothing can be written; the HTTP request is over.
 	clientGone bool
+}
+
+// matched is the route the HCM picked and what it resolved with it.
+type matched struct {
+	route *routev3.Route // nil: no route matched (404 NR)
+	// extProc: ext_proc runs for this request (it is not disabled by the
+	// route's typed_per_filter_config). Envoy decides this once, on the
+	// route matched at header time.
+	extProc bool
+	// cluster: a cluster_header route's cluster is read from the request
+	// headers when the route is matched, not when the router runs.
+	cluster string
+}
+
+// match picks the route for the request headers as Envoy's HCM does:
+// envoy.yaml's route table, first route whose match applies.
+func (e *envoyLite) match(hs headerList) matched {
+	m := matched{}
+	m.route, m.extProc = e.routes.Match(hs.routeHeaders())
+	if ra := m.route.GetRoute(); ra != nil {
+		if h := ra.GetClusterHeader(); h != "" {
+			m.cluster, _ = hs.get(strings.ToLower(h))
+		} else {
+			m.cluster = ra.GetCluster()
+		}
+	}
+	return m
 }
 
 func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -191,12 +260,29 @@ func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	hs := downstreamHeaders(r)
 	reqID, _ := hs.get("x-request-id")
 	e.update(func() { ent.RequestID = reqID })
+	// normalize_path: the HCM rewrites :path before routing and filters.
+	hs.set(":path", e.routes.NormalizePath(hs.first(":path")))
 
 	// The HCM matches the route when the headers arrive, before any filter
 	// runs, and caches it: with cluster_header the cluster is taken from
 	// the client's headers now. Only a honoured clear_route_cache makes the
 	// router look again.
-	routeCluster, _ := hs.get(e.clusterHeader)
+	m := e.match(hs)
+	if !m.extProc {
+		// ExtProcPerRoute disabled (envoy.yaml's 404 routes): no ext_proc
+		// stream at all, and nothing buffers the body. A direct response
+		// does not read it.
+		var body []byte
+		if m.route.GetRoute() != nil {
+			var err error
+			if body, err = io.ReadAll(r.Body); err != nil {
+				e.finish(w, ent, nil, &localReply{status: 400, details: "downstream_body_read_error", body: "Bad Request"})
+				return
+			}
+		}
+		e.router(w, r, ent, nil, m, hs, body)
+		return
+	}
 
 	// BUFFERED: Envoy holds the whole body; above the buffer limit the
 	// client gets 413 and ext_proc never sees the body. envoyLite buffers
@@ -270,14 +356,46 @@ func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	// The router.
 	if cleared {
-		routeCluster, _ = hs.get(e.clusterHeader)
+		// Matched afresh with the mutated headers; ext_proc's per-route
+		// config stays what it was at header time.
+		again := e.match(hs)
+		m.route, m.cluster = again.route, again.cluster
 	}
+	e.router(w, r, ent, st, m, hs, body)
+}
+
+// router is Envoy's router filter, last in the chain: it answers a
+// direct_response route itself, or forwards to the route's cluster.
+func (e *envoyLite) router(w http.ResponseWriter, r *http.Request, ent *accessEntry, st *extprocStream, m matched, hs headerList, body []byte) {
+	switch {
+	case m.route == nil:
+		e.finish(w, ent, st, &localReply{status: 404, details: "route_not_found", flags: "NR", router: true})
+		return
+	case m.route.GetDirectResponse() != nil:
+		dr := m.route.GetDirectResponse()
+		lr := &localReply{status: int(dr.GetStatus()), details: "direct_response", body: dr.GetBody().GetInlineString(), router: true}
+		// Route-level response_headers_to_add, applied before Envoy
+		// defaults content-type to text/plain (prepareLocalReply).
+		for _, o := range m.route.GetResponseHeadersToAdd() {
+			k, v := strings.ToLower(o.GetHeader().GetKey()), o.GetHeader().GetValue()
+			if o.GetAppendAction() == corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD {
+				lr.headers = append(lr.headers, header{k, v})
+			} else {
+				lr.headers.set(k, v)
+			}
+		}
+		e.finish(w, ent, st, lr)
+		return
+	case m.route.GetRoute() == nil:
+		e.finish(w, ent, st, &localReply{status: 500, details: "envoylite_unmodelled_route_action", body: fmt.Sprintf("envoylite does not model route %v", m.route), router: true})
+		return
+	}
+	routeCluster := m.cluster
 	e.update(func() { ent.Cluster = routeCluster })
 	base, ok := e.clusters[routeCluster]
 	if !ok {
-		e.finish(w, ent, st, &localReply{status: 503, details: "cluster_not_found", flags: "NC"})
+		e.finish(w, ent, st, &localReply{status: 503, details: "cluster_not_found", flags: "NC", router: true})
 		return
 	}
 	up, err := e.forward(r.Context(), base, hs, body)
@@ -286,7 +404,7 @@ func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			e.finish(w, ent, st, &localReply{clientGone: true, details: "downstream_remote_disconnect"})
 			return
 		}
-		e.finish(w, ent, st, &localReply{status: 503, flags: "UF",
+		e.finish(w, ent, st, &localReply{status: 503, flags: "UF", router: true,
 			details: "upstream_reset_before_response_started{connection_failure}",
 			body:    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: " + err.Error()})
 		return
@@ -437,15 +555,16 @@ func (e *envoyLite) respond(w http.ResponseWriter, ent *accessEntry, st *extproc
 	}
 }
 
-// finish answers with a local reply. Envoy's own replies (503 NC, UF)
-// still pass through the ext_proc filter's response path; ext_proc's
-// immediate responses and its errors end processing first.
+// finish answers with a local reply. The router's replies (direct
+// responses, 404 NR, 503 NC, UF) still pass through the ext_proc filter's
+// response path; ext_proc's immediate responses and its errors end
+// processing first.
 func (e *envoyLite) finish(w http.ResponseWriter, ent *accessEntry, st *extprocStream, lr *localReply) {
 	if lr.clientGone {
 		e.update(func() { ent.Details = lr.details })
 		return
 	}
-	if st != nil && st.active && lr.flags != "" {
+	if st != nil && st.active && lr.router {
 		rh := headerList{{":status", strconv.Itoa(lr.status)}, {"content-length", strconv.Itoa(len(lr.body))}}
 		if lr.body != "" {
 			rh = append(rh, header{"content-type", "text/plain"})
@@ -884,6 +1003,17 @@ func (h headerList) get(k string) (string, bool) {
 }
 
 func (h headerList) first(k string) string { v, _ := h.get(k); return v }
+
+// routeHeaders is what route matching sees: the first value of each header.
+func (h headerList) routeHeaders() map[string]string {
+	m := make(map[string]string, len(h))
+	for _, kv := range h {
+		if _, ok := m[kv.k]; !ok {
+			m[kv.k] = kv.v
+		}
+	}
+	return m
+}
 
 // set replaces every value of k with v, keeping k's first position.
 func (h *headerList) set(k, v string) {

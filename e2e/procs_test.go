@@ -105,6 +105,20 @@ func (p *proc) output() string {
 	return strings.Join(p.lines, "\n")
 }
 
+// lineCount is how many output lines the process has written so far.
+func (p *proc) lineCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.lines)
+}
+
+// linesFrom returns the output lines from index n on.
+func (p *proc) linesFrom(n int) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.lines[min(n, len(p.lines)):]...)
+}
+
 // waitLine returns the first output line match accepts, polling until
 // timeout or the process exits.
 func (p *proc) waitLine(timeout time.Duration, match func(string) bool) (string, error) {

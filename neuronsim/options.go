@@ -65,8 +65,12 @@ type Options struct {
 	EndpointPort    int
 	MaxPromptTokens int64
 	// Seed seeds the load-failure draw (0: seeded from the clock).
-	Seed   uint64
-	Logger *slog.Logger
+	Seed uint64
+	// LogRequests logs every request received (msg "request", method, uri)
+	// at info level before it is handled, so that a test running the sim as
+	// a process can tell what reached it.
+	LogRequests bool
+	Logger      *slog.Logger
 }
 
 // ModelSpec is a model and, optionally, its size and device placement.
@@ -219,6 +223,7 @@ func ParseCommandLine(args []string, out io.Writer) (*Command, error) {
 	fs.IntVar(&o.EndpointPort, "endpoint-port", 0, "port answered by /models/{id}/endpoint (0: the port the request arrived on)")
 	fs.Int64Var(&o.MaxPromptTokens, "max-prompt-tokens", DefaultMaxPromptTokens, "max_prompt_tokens in /discovery")
 	fs.Uint64Var(&o.Seed, "seed", 0, "seed for the load-failure draw (0: random)")
+	fs.BoolVar(&o.LogRequests, "log-requests", false, "log every request received (method and URI)")
 	fs.BoolVar(&c.ShowVersion, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err

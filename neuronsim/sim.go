@@ -211,6 +211,9 @@ func (s *Sim) Name() string { return s.opts.Name }
 
 // ServeHTTP implements http.Handler.
 func (s *Sim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.opts.LogRequests {
+		s.log.Info("request", "method", r.Method, "uri", r.RequestURI)
+	}
 	w.Header().Set("x-neuron-name", s.opts.Name)
 	s.mu.Lock()
 	failing, garbage := s.failing, s.garbage
