@@ -124,7 +124,11 @@ type ColdLoader struct {
 	// ctx parents every load; Close cancels it once its grace is over.
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	wg     sync.WaitGroup // loads in progress
+	// stopReconcile ends reconcileLoop (at Close, not after the loads'
+	// grace); reconciled is closed when it has returned.
+	stopReconcile chan struct{}
+	reconciled    chan struct{}
 
 	waiters atomic.Int64 // across all flights
 
@@ -198,9 +202,11 @@ func NewColdLoader(cfg ColdLoadConfig, deps ColdLoadDeps) *ColdLoader {
 		l.usage = NewUsage()
 	}
 	l.ledger = NewLedger(l.log)
+	l.stopReconcile, l.reconciled = make(chan struct{}), make(chan struct{})
 	if deps.FleetChanged != nil {
-		l.wg.Add(1)
 		go l.reconcileLoop()
+	} else {
+		close(l.reconciled)
 	}
 	return l
 }
@@ -210,13 +216,13 @@ func (l *ColdLoader) Commitments() *Commitments { return l.ledger.View() }
 
 // reconcileLoop reconciles the ledger with every fleet snapshot until Close.
 func (l *ColdLoader) reconcileLoop() {
-	defer l.wg.Done()
+	defer close(l.reconciled)
 	for {
 		changed := l.deps.FleetChanged()
 		l.ledger.Reconcile(l.deps.Fleet())
 		select {
 		case <-changed:
-		case <-l.ctx.Done():
+		case <-l.stopReconcile:
 			return
 		}
 	}
@@ -328,8 +334,12 @@ func (l *ColdLoader) InProgress() []FlightInfo {
 // then it cancels them (their waiters get a 503) and waits for them to stop.
 func (l *ColdLoader) Close(ctx context.Context) {
 	l.mu.Lock()
+	if !l.closed {
+		close(l.stopReconcile)
+	}
 	l.closed = true
 	l.mu.Unlock()
+	<-l.reconciled
 	done := make(chan struct{})
 	go func() {
 		l.wg.Wait()

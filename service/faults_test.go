@@ -82,7 +82,7 @@ func fxStartNeuron(t *testing.T, name string, models ...string) *fxNeuron {
 		Sizes: map[string]int64{"Org/Warm": 4000, "Org/Cold": 4000}, MaxInFlight: 64, MaxQueueDepth: 10000})
 }
 
-func fxStartSim(t *testing.T, opts neuronsim.Options) *fxNeuron {
+func fxStartSim(t testing.TB, opts neuronsim.Options) *fxNeuron {
 	t.Helper()
 	name := opts.Name
 	sim, err := neuronsim.New(opts)
@@ -172,7 +172,7 @@ func (l *lockedBuffer) String() string {
 
 // fxConfig is the embedded defaults made fast and local: loopback
 // listeners on free ports, 50 ms polls, a 2-failure threshold.
-func fxConfig(t *testing.T, catalogue string, neurons ...*fxNeuron) config.Config {
+func fxConfig(t testing.TB, catalogue string, neurons ...*fxNeuron) config.Config {
 	t.Helper()
 	res, err := config.Load("")
 	if err != nil {
@@ -220,14 +220,14 @@ func fxLeakCheck(t *testing.T) {
 }
 
 // fxStart runs the service until the test ends and waits until it is ready.
-func fxStart(t *testing.T, cfg config.Config) *fxService {
+func fxStart(t testing.TB, cfg config.Config) *fxService {
 	t.Helper()
 	return fxStartLogging(t, cfg, slog.LevelInfo)
 }
 
 // fxStartLogging is fxStart keeping the service's log lines from level up
 // (shown when the test fails).
-func fxStartLogging(t *testing.T, cfg config.Config, level slog.Level) *fxService {
+func fxStartLogging(t testing.TB, cfg config.Config, level slog.Level) *fxService {
 	t.Helper()
 	logs := &lockedBuffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: level}))
@@ -262,7 +262,7 @@ func fxStartLogging(t *testing.T, cfg config.Config, level slog.Level) *fxServic
 }
 
 // stop cancels Run and waits for it.
-func (h *fxService) stop(t *testing.T) {
+func (h *fxService) stop(t testing.TB) {
 	t.Helper()
 	h.cancel()
 	if err := h.wait(30 * time.Second); err != nil {
