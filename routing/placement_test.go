@@ -27,6 +27,7 @@ func prio(n int) *int { return &n }
 func tieredCatalogue() *catalogue.Catalogue {
 	return catalogue.New([]*catalogue.Profile{
 		{ID: "org/big", Harness: "candle", VRAMMB: 40000, ResidencyPriority: prio(300)},
+		{ID: "org/rival", Harness: "candle", VRAMMB: 40000, ResidencyPriority: prio(300)},
 		{ID: "org/mid", Harness: "candle", VRAMMB: 16000, ResidencyPriority: prio(200)},
 		{ID: "org/small", Harness: "candle", VRAMMB: 8000},
 		{ID: "org/legacy", Harness: "candle", VRAMMB: 10000, PinnedOn: []string{"beast"}},

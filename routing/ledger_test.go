@@ -1,0 +1,236 @@
+package routing
+
+import (
+	"context"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/helexa/cortex-extproc/neuron"
+)
+
+// The ledger's figure is the last reading less loads in progress and loads
+// finished since that reading, plus evictions finished since; a reading
+// requested after an event reflects it, so the event no longer counts.
+// Never below 0, never above the device's total.
+func TestLedgerFree(t *testing.T) {
+	l := NewLedger(nil)
+	n := node("beast", gpus(dev{rtx4090, 20000}, dev{rtx4090, 24000}))
+	n.HealthAt = time.Now()
+
+	loading := l.add(commitment{kind: commitLoading, node: "beast", model: "a", devices: []int{0}, perDevice: 8000})
+	if got := l.View().Free(n); got[0] != 12000 || got[1] != 24000 {
+		t.Fatalf("with a load in progress: %v, want [12000 24000]", got)
+	}
+	finished := time.Now().Add(time.Millisecond)
+	l.done(loading, finished)
+	if got := l.View().Free(n); got[0] != 12000 {
+		t.Fatalf("load finished after the reading: %v, want 12000 on gpu0", got)
+	}
+	claim := l.add(commitment{kind: commitClaimed, node: "beast", model: "old", devices: []int{1}, perDevice: 20000})
+	if got := l.View().Free(n); got[1] != 24000 {
+		t.Fatalf("an eviction not yet done frees nothing: %v", got)
+	}
+	l.done(claim, finished)
+	if got := l.View().Free(n); got[1] != rtx4090 {
+		t.Fatalf("evicted 20000 on a card with 24000 free: %v, want the card's total %d", got, rtx4090)
+	}
+
+	// A reading requested after both events reflects them.
+	n2 := node("beast", gpus(dev{rtx4090, 12000}, dev{rtx4090, 24564}))
+	n2.HealthAt, n2.ModelsAt = finished.Add(time.Millisecond), finished.Add(time.Millisecond)
+	if got := l.View().Free(n2); got[0] != 12000 || got[1] != rtx4090 {
+		t.Fatalf("newer reading: %v, want it as is", got)
+	}
+	l.Reconcile(snapshot(n2))
+	if e := l.View().Entries(); len(e) != 0 {
+		t.Fatalf("after a reconciling poll the ledger still holds %+v", e)
+	}
+
+	// Over-commitment shows as 0, not as a negative figure.
+	l.add(commitment{kind: commitLoading, node: "beast", model: "b", devices: []int{0}, perDevice: 30000})
+	if got := l.View().Free(n2); got[0] != 0 {
+		t.Fatalf("over-committed device: %v, want 0", got[0])
+	}
+}
+
+// An evicted model is not routable until a /models listing requested after
+// the unload; one loaded again after its eviction is routable at once.
+func TestLedgerBlocked(t *testing.T) {
+	l := NewLedger(nil)
+	n := node("beast", gpus(dev{rtx4090, 0}))
+	claim := l.add(commitment{kind: commitClaimed, node: "beast", model: "m", devices: []int{0}, perDevice: 1000})
+	if !l.View().Blocked(n, "m") || l.View().Blocked(n, "other") {
+		t.Fatal("a claimed model must be blocked, and only it")
+	}
+	at := time.Now()
+	l.done(claim, at)
+	if !l.View().Blocked(n, "m") {
+		t.Fatal("evicted, listing older than the unload: must stay blocked")
+	}
+	n.ModelsAt = at.Add(time.Millisecond)
+	if l.View().Blocked(n, "m") {
+		t.Fatal("a listing requested after the unload is the truth")
+	}
+	n.ModelsAt = time.Time{}
+	again := l.add(commitment{kind: commitLoading, node: "beast", model: "m", devices: []int{0}, perDevice: 1000})
+	l.done(again, time.Now())
+	if l.View().Blocked(n, "m") {
+		t.Fatal("loaded again after its eviction: must be routable")
+	}
+}
+
+// A load goes to the devices that have room and sends exactly those; the
+// residents evicted for it are on those devices.
+func TestPlaceChoosesDevicesWithRoom(t *testing.T) {
+	cat := tieredCatalogue()
+	cases := []struct {
+		name      string
+		model     string
+		node      *fleetNode
+		devices   []int
+		evict     []string
+		perDevice int64
+	}{
+		{"one device: the empty card, not the first", "org/small",
+			&fleetNode{gpus(dev{rtx4090, 4576}, dev{rtx4090, 24564}), nil}, []int{1}, nil, 8000},
+		{"tensor parallel: the two cards with room", "org/tp2",
+			&fleetNode{gpus(dev{rtx4090, 1000}, dev{rtx4090, 24564}, dev{rtx4090, 24564}), nil}, []int{1, 2}, nil, 22500},
+		{"eviction frees the chosen card", "org/big",
+			&fleetNode{gpus(dev{a100, 30000}, dev{a100, 20000}),
+				[]res{{id: "r/on0", vram: 50000, devs: []int{0}}, {id: "r/on1", vram: 5000, devs: []int{1}}}},
+			[]int{0}, []string{"r/on0"}, 40000},
+		{"only residents on the chosen cards are evicted", "org/tp2",
+			&fleetNode{gpus(dev{rtx4090, 2000}, dev{rtx4090, 2000}, dev{rtx4090, 24564}),
+				[]res{{id: "r/a0", vram: 22000, devs: []int{0}}, {id: "r/b1", vram: 22000, devs: []int{1}}}},
+			[]int{2, 0}, []string{"r/a0"}, 22500},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			n := node("beast", c.node.devs, c.node.models...)
+			plan, err := Place(cat, snapshot(n), nil, cat.Profile(c.model), PlacementState{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(plan.Spec.Devices, c.devices) || !slices.Equal(plan.Evict, c.evict) || plan.PerDeviceMB != c.perDevice {
+				t.Fatalf("plan devices %v evict %v %d MB each; want %v evict %v %d MB", plan.Spec.Devices, plan.Evict, plan.PerDeviceMB, c.devices, c.evict, c.perDevice)
+			}
+		})
+	}
+}
+
+type fleetNode struct {
+	devs   []dev
+	models []res
+}
+
+// A model the neuron reloads is never a victim, and says why.
+func TestPlaceNeverEvictsAReloadingModel(t *testing.T) {
+	cat := tieredCatalogue()
+	n := node("beast", gpus(dev{rtx4090, 4000}), res{id: "r/reload", vram: 20000, status: neuron.StatusReloading})
+	_, err := Place(cat, snapshot(n), nil, cat.Profile("org/small"), PlacementState{})
+	if err == nil || err.RetryAfter != 5 || !strings.Contains(err.Message, "r/reload (reloading)") {
+		t.Fatalf("got %v, want 503 naming the reloading model", err)
+	}
+}
+
+// A model that can never fit (the k largest eligible cards' totals are too
+// small) is not feasible there, with the numbers; with no other node it is
+// no_feasible_neuron, without Retry-After.
+func TestNeverFitsIsNotFeasible(t *testing.T) {
+	cat := tieredCatalogue()
+	small := node("rig", gpus(dev{16384, 16384}))
+	ok, why := Feasible(cat.Profile("org/big"), small)
+	if ok || !strings.Contains(why, "needs 40000 MB on one device, its largest holds 16384 MB") {
+		t.Fatalf("Feasible = %v %q", ok, why)
+	}
+	_, err := Place(cat, snapshot(small), nil, cat.Profile("org/big"), PlacementState{})
+	if err == nil || err.Code != "no_feasible_neuron" || err.RetryAfter != 0 || !strings.Contains(err.Message, "can never fit") {
+		t.Fatalf("got %v, want no_feasible_neuron without Retry-After", err)
+	}
+	// Fits in total, just not now: that is "retry later".
+	full := node("rig", gpus(dev{a100, 1000}), res{id: "r/busy", vram: 80000, inFlight: 1})
+	_, err = Place(cat, snapshot(full), nil, cat.Profile("org/big"), PlacementState{})
+	if err == nil || err.RetryAfter != 5 {
+		t.Fatalf("got %v, want 503 Retry-After 5", err)
+	}
+}
+
+// A fresh load is pinned (in flight) from the moment it is listed until its
+// last waiter holds its own lease: a load planned in that window on the same
+// node does not evict it, whatever the clock says about its last use.
+func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	// Room for one of org/big and org/rival (equal rank: each may displace
+	// the other) beside r/fill.
+	snap := snapshot(node("beast", gpus(dev{a100, 41920}), res{id: "r/fill", vram: 40000}))
+	r := newRig(t, ColdLoadConfig{}, snap)
+	defer r.close(t)
+	f, err := r.l.Join("org/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The load finishes; the waiter has not been routed yet.
+	if got := receive(t, "MarkLoaded", r.marked); got != "beast org/big" {
+		t.Fatalf("marked %q", got)
+	}
+	<-f.f.done
+	if n := r.usage.InFlight("beast", "org/big"); n != 1 {
+		t.Fatalf("fresh model in flight %d before its waiter is routed, want 1 (the pin)", n)
+	}
+	r.poll() // the fleet lists it now, with last access "now"
+	if r.usage.LastAccess("beast", "org/big").IsZero() {
+		t.Fatal("a fresh load must count as used now")
+	}
+	r.usage.Touch("beast", "r/fill") // used more recently than the fresh model
+	st := PlacementState{InFlight: r.usage.InFlight, LastAccess: r.usage.LastAccess}
+	cat := tieredCatalogue()
+	plan, perr := Place(cat, r.snap(), r.l.Commitments(), cat.Profile("org/rival"), st)
+	if perr != nil || !slices.Equal(plan.Evict, []string{"r/fill"}) {
+		t.Fatalf("plan for a rival: %+v %v; want r/fill evicted, the fresh model spared", plan, perr)
+	}
+	// The waiter takes its own lease and gives its slot back: the pin ends.
+	var lease Lease
+	r.usage.Use("beast", "org/big", &lease)
+	f.release()
+	if n := r.usage.InFlight("beast", "org/big"); n != 1 {
+		t.Fatalf("in flight %d after the waiter was routed, want 1 (its own lease)", n)
+	}
+	lease.Release()
+	if n := r.usage.InFlight("beast", "org/big"); n != 0 {
+		t.Fatalf("in flight %d at the end, want 0", n)
+	}
+	// Now it is an ordinary idle model, and the least recently used.
+	r.usage.Touch("beast", "r/fill")
+	plan, perr = Place(cat, r.snap(), r.l.Commitments(), cat.Profile("org/rival"), st)
+	if perr != nil || !slices.Equal(plan.Evict, []string{"org/big"}) {
+		t.Fatalf("plan once the waiter is routed: %+v %v; want org/big evicted", plan, perr)
+	}
+}
+
+// A flight whose every waiter left before it finished pins nothing.
+func TestFreshLoadWithoutWaitersIsNotPinned(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	r := newRig(t, ColdLoadConfig{}, snapshot(node("beast", gpus(dev{a100, 81920}))))
+	defer r.close(t)
+	gate := make(chan struct{})
+	r.neurons["beast"].gate = gate
+	f, err := r.l.Join("org/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := waitFlight(f, ctx); err == nil {
+		t.Fatal("a cancelled wait returned no error")
+	}
+	close(gate)
+	<-f.f.done
+	if n := r.usage.InFlight("beast", "org/big"); n != 0 {
+		t.Fatalf("in flight %d for a load nobody waits for, want 0", n)
+	}
+}
