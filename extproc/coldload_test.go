@@ -104,19 +104,24 @@ func (f *coldFleet) loadCalls() map[string]int {
 }
 
 func (f *coldFleet) start(t *testing.T, coldTimeout time.Duration) (*harness, *routing.ColdLoader) {
+	return f.startWithUsage(t, coldTimeout, routing.NewUsage())
+}
+
+func (f *coldFleet) startWithUsage(t *testing.T, coldTimeout time.Duration, usage *routing.Usage) (*harness, *routing.ColdLoader) {
 	loader := routing.NewColdLoader(routing.ColdLoadConfig{Timeout: coldTimeout, MaxEvictions: 3, MaxWaiters: 1000, FailureCooldown: time.Minute},
 		routing.ColdLoadDeps{
 			Catalogue:  func() *catalogue.Catalogue { return f.cat },
 			Fleet:      f.snap.Load,
 			Neuron:     func(n string) neuron.API { return fakeNeuron{f: f, name: n} },
 			MarkLoaded: f.markLoaded,
+			Usage:      usage,
 		})
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		loader.Close(ctx)
 	})
-	r := routing.NewRouter(func() *catalogue.Catalogue { return f.cat }, f.snap.Load, loader, nil)
+	r := routing.NewRouter(func() *catalogue.Catalogue { return f.cat }, f.snap.Load, loader, usage)
 	return start(t, r, extproc.Options{ColdLoadTimeout: coldTimeout, MaxMessageTimeout: time.Hour}), loader
 }
 

@@ -370,6 +370,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *r
 	st.target = t
 	value, aerr := st.srv.opt.Upstream.Value(&t)
 	if aerr != nil {
+		st.lease.Release() // not sent there after all
 		return st.decided(&t, aerr, start), nil
 	}
 	resp := st.route(msg, body, m, &t, value)
