@@ -16,7 +16,9 @@ type brokenStream struct {
 	extprocv3.ExternalProcessor_ProcessServer
 }
 
-func (brokenStream) Send(*extprocv3.ProcessingResponse) error { return errors.New("transport is closing") }
+func (brokenStream) Send(*extprocv3.ProcessingResponse) error {
+	return errors.New("transport is closing")
+}
 
 // recordingWaiter records what the stream did with its place in a flight.
 type recordingWaiter struct{ waited, left int }
