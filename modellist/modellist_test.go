@@ -3,6 +3,7 @@ package modellist_test
 import (
 	"encoding/json"
 	"reflect"
+	"slices"
 	"sort"
 	"testing"
 
@@ -269,5 +270,38 @@ func TestEmptyFleetAndCatalogue(t *testing.T) {
 	// An empty list is [] not null: clients iterate data unconditionally.
 	if got := string(l.List()); got != `{"object":"list","data":[]}` {
 		t.Errorf("empty list = %s", got)
+	}
+}
+
+// feasible_on leaves out a node whose devices can never hold the model's
+// declared size, even with everything there evicted.
+func TestFeasibleOnLeavesOutNodesTooSmallForTheModel(t *testing.T) {
+	cat, err := catalogue.Parse([]byte(`
+[[models]]
+id = "Big/One"
+harness = "candle"
+vram_mb = 18000
+
+[[models]]
+id = "Small/One"
+harness = "candle"
+vram_mb = 4000
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := func(mb int64) *neuron.Discovery {
+		return &neuron.Discovery{Devices: []neuron.Device{{Index: 0, VRAMTotalMB: mb}}}
+	}
+	snap := &fleet.Snapshot{Round: 1, Nodes: []*fleet.Node{
+		{Name: "big", Healthy: true, Discovery: dev(24564)},
+		{Name: "small", Healthy: true, Discovery: dev(16384)},
+	}}
+	got := map[string][]string{}
+	for _, e := range modellist.Build(cat, snap, 0) {
+		got[e.ID] = e.FeasibleOn
+	}
+	if !slices.Equal(got["Big/One"], []string{"big"}) || !slices.Equal(got["Small/One"], []string{"big", "small"}) {
+		t.Fatalf("feasible_on %v; want Big/One only on big, Small/One on both", got)
 	}
 }

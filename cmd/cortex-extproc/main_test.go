@@ -452,3 +452,22 @@ func TestServeRefusesAnInvalidConfig(t *testing.T) {
 		t.Errorf("err = %v, want the bad key named", err)
 	}
 }
+
+// A model whose declared size no neuron's devices can ever hold is an
+// error that says so, with the numbers, not a "retry later".
+func TestRouteNeverFits(t *testing.T) {
+	small := newFakeNeuron(t, 16384, 16384)
+	cfg := fleetConfig(t, "", [2]string{"small", small.srv.URL})
+	out, err := run(t, "route", "--config", cfg, "--model", "Qwen/Qwen3-8B")
+	if !errors.Is(err, errProblems) {
+		t.Fatalf("err = %v, want exit 1; output:\n%s", err, out)
+	}
+	for _, want := range []string{"error:      503 no_feasible_neuron", "can never fit", "18000 MB", "16384 MB"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "retry") {
+		t.Errorf("a model that can never fit is not retry-later:\n%s", out)
+	}
+}
