@@ -105,7 +105,8 @@ func bodyPath(tb testing.TB, s *Server, hm *extprocv3.HttpHeaders, wire mem.Buff
 	if err := (codec{proto: protoCodec()}).Unmarshal(wire, msg); err != nil {
 		tb.Fatal(err)
 	}
-	st := &stream{srv: s}
+	st := newStream(s, nil) // as Process does
+	defer st.free()
 	st.requestHeaders(hm)
 	start := time.Now()
 	resp, err := st.requestBody(context.Background(), msg.msg.GetRequestBody(), msg)
@@ -118,7 +119,6 @@ func bodyPath(tb testing.TB, s *Server, hm *extprocv3.HttpHeaders, wire mem.Buff
 		e.pieces.Free() // what gRPC does once the reply is written
 	}
 	msg.release()
-	st.lease.Release()
 	return took
 }
 

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -180,6 +181,25 @@ type stream struct {
 	span                    trace.Span
 }
 
+// streams are recycled: the stream owns its request's lease, and handing
+// that to the Router (an interface) would otherwise move every stream to
+// the heap.
+var streams = sync.Pool{New: func() any { return new(stream) }}
+
+func newStream(s *Server, g extprocv3.ExternalProcessor_ProcessServer) *stream {
+	st := streams.Get().(*stream)
+	st.srv, st.grpc = s, g
+	return st
+}
+
+// free ends the request's lease and recycles the stream; nothing refers to
+// it once Process returns (replies being written hold only their own parts).
+func (st *stream) free() {
+	st.lease.Release()
+	*st = stream{}
+	streams.Put(st)
+}
+
 // Process handles one HTTP request's messages, strictly one reply per
 // message and in order. Returning nil before answering would make Envoy
 // forward the request unprocessed, so every path either replies or ends the
@@ -191,8 +211,8 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 		s.opt.Observer.StreamStarted()
 		defer s.opt.Observer.StreamEnded()
 	}
-	st := &stream{srv: s, grpc: g}
-	defer st.lease.Release()
+	st := newStream(s, g)
+	defer st.free()
 	ctx := g.Context()
 	for {
 		msg := new(received)
