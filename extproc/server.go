@@ -45,10 +45,14 @@ type Router interface {
 	Route(model string, lease *routing.Lease) (routing.Target, routing.Waiter, *apierr.Error)
 }
 
-// ModelList answers GET /v1/models and GET /v1/models/{id} (JSON bodies).
+// ModelList answers GET /v1/models and GET /v1/models/{id} (JSON bodies),
+// in OpenAI's shape, and in Anthropic's for clients that send an
+// anthropic-version header.
 type ModelList interface {
 	List() []byte
 	Get(id string) ([]byte, bool)
+	AnthropicList() []byte
+	AnthropicGet(id string) ([]byte, bool)
 }
 
 // Upstream turns a Target into the header that makes Envoy route to it.
@@ -100,6 +104,11 @@ type Options struct {
 	Models            ModelList // nil: /v1/models answers 404
 	Observer          Observer  // nil: nothing observed
 	Log               *slog.Logger
+	// TranslateAnthropic reports whether a POST /v1/messages routed to a
+	// neuron must be translated to /v1/chat/completions (and its answer
+	// back), because that neuron does not serve /v1/messages itself
+	// (anthropic.go). nil: never translate.
+	TranslateAnthropic func(node string) bool
 }
 
 // overrideMargin is added to the cold-load timeout in the override so our
@@ -167,7 +176,7 @@ type stream struct {
 	path      string
 	method    string
 	requestID string
-	anthropic bool
+	anthropic bool // Anthropic-shaped: /v1/messages, or anthropic-version sent
 	sawHeader bool
 	bodyDone  bool
 	badMode   string // non-empty when Envoy's body mode cannot route
@@ -176,6 +185,9 @@ type stream struct {
 	// picks such a model) until the upstream answered or the stream ended.
 	lease routing.Lease
 	parts *replyParts // set once routed
+	// ax is the translation of an Anthropic request sent to an
+	// OpenAI-only neuron; nil otherwise.
+	ax *anthropicExchange
 	// W3C trace context, read only while tracing is on.
 	traceparent, tracestate string
 	span                    trace.Span
@@ -262,8 +274,11 @@ func (st *stream) handle(ctx context.Context, msg *received) (any, error) {
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		return continueRequestTrailers, nil
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
-		return st.responseHeaders(), nil
+		return st.responseHeaders(r.ResponseHeaders), nil
 	case *extprocv3.ProcessingRequest_ResponseBody:
+		if st.ax != nil {
+			return st.anthropicResponseBody(r.ResponseBody), nil
+		}
 		return continueResponseBody, nil
 	case *extprocv3.ProcessingRequest_ResponseTrailers:
 		return continueResponseTrailers, nil
@@ -282,6 +297,8 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
 			st.method = knownString(rawValue(kv))
 		case "x-request-id":
 			st.requestID = headerValue(kv)
+		case "anthropic-version":
+			st.anthropic = true
 		case "traceparent", "tracestate":
 			if tracing.Enabled() {
 				st.traceHeader(kv.GetKey(), headerValue(kv))
@@ -291,7 +308,7 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
 	if i := strings.IndexByte(st.path, '?'); i >= 0 {
 		st.path = st.path[:i]
 	}
-	st.anthropic = strings.HasPrefix(st.path, "/v1/messages")
+	st.anthropic = st.anthropic || strings.HasPrefix(st.path, "/v1/messages")
 	if h.GetEndOfStream() {
 		return st.bodiless()
 	}
@@ -304,7 +321,8 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
 	if st.badMode != "" {
 		return st.immediate(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
 			Message: "Envoy's ext_proc filter sends the request body in mode " + st.badMode +
-				"; cortex-extproc routes on the body and needs processing_mode.request_body_mode: BUFFERED (see envoy/envoy.yaml)"})
+				"; cortex-extproc routes on the body and needs processing_mode.request_body_mode: BUFFERED (see envoy/envoy.yaml)",
+			Reason: apierr.ReasonMisconfigured})
 	}
 	return st.srv.headersReply
 }
@@ -313,10 +331,17 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
 func (st *stream) bodiless() *extprocv3.ProcessingResponse {
 	if m := st.srv.opt.Models; m != nil && (st.method == "GET" || st.method == "HEAD") {
 		if st.path == "/v1/models" || st.path == "/v1/models/" {
+			if st.anthropic {
+				return jsonReply(200, m.AnthropicList(), "cortex_model_list")
+			}
 			return jsonReply(200, m.List(), "cortex_model_list")
 		}
 		if id, ok := strings.CutPrefix(st.path, "/v1/models/"); ok {
-			if body, ok := m.Get(unescapePath(id)); ok {
+			get := m.Get
+			if st.anthropic {
+				get = m.AnthropicGet
+			}
+			if body, ok := get(unescapePath(id)); ok {
 				return jsonReply(200, body, "cortex_model")
 			}
 			return st.immediate(apierr.ModelNotFound("model %q not found on any node, in the catalogue or among the aliases", unescapePath(id)))
@@ -358,7 +383,8 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *r
 	st.bodyDone = true
 	if !st.sawHeader {
 		return st.immediate(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
-			Message: "Envoy sent the request body without the request headers; cortex-extproc needs processing_mode.request_header_mode: SEND (see envoy/envoy.yaml)"}), nil
+			Message: "Envoy sent the request body without the request headers; cortex-extproc needs processing_mode.request_header_mode: SEND (see envoy/envoy.yaml)",
+			Reason:  apierr.ReasonMisconfigured}), nil
 	}
 	start := time.Now()
 	ctx, st.span = tracing.StartDecision(ctx, st.traceparent, st.tracestate, st.requestID)
@@ -393,6 +419,15 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *r
 		st.lease.Release() // not sent there after all
 		return st.decided(&t, aerr, start), nil
 	}
+	if st.anthropic && st.srv.translates(&t) {
+		resp, aerr := st.translateRequest(body, m, &t, value)
+		if aerr != nil {
+			st.lease.Release()
+			return st.decided(&t, aerr, start), nil
+		}
+		st.decided(&t, nil, start)
+		return resp, nil
+	}
 	resp := st.route(msg, body, m, &t, value)
 	st.decided(&t, nil, start)
 	return resp, nil
@@ -423,7 +458,7 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 		return routing.Target{}, nil, false
 	}
 	if err != nil && wctx.Err() != nil {
-		err = apierr.Unavailable(5, "model %q is still loading after %s, the longest cortex-extproc holds a request (cold_load.timeout, extproc.max_message_timeout); retry shortly", w.Model(), budget.Round(time.Second))
+		err = apierr.Unavailable(5, "model %q is still loading after %s, the longest cortex-extproc holds a request (cold_load.timeout, extproc.max_message_timeout); retry shortly", w.Model(), budget.Round(time.Second)).WithReason(apierr.ReasonLoadTimeout)
 	}
 	return t, err, true
 }
@@ -461,10 +496,13 @@ func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time)
 	return st.immediate(err)
 }
 
-func (st *stream) responseHeaders() any {
+func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) any {
 	// The upstream has answered: the request no longer blocks an eviction
 	// through us (the neuron's own in_flight covers the rest of a stream).
 	st.lease.Release()
+	if st.ax != nil {
+		return st.anthropicResponseHeaders(h)
+	}
 	if st.parts == nil {
 		return plainResponseHeaders
 	}

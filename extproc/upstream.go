@@ -47,7 +47,7 @@ func (o *OriginalDst) DynamicMetadataKey() string { return HeaderDestination }
 func (o *OriginalDst) Value(t *routing.Target) (string, *apierr.Error) {
 	u, err := url.Parse(t.Endpoint)
 	if err != nil || u.Hostname() == "" {
-		return "", apierr.Unavailable(2, "inference endpoint %q of %s on %s is not a URL; check the neuron's /models/{id}/endpoint answer", t.Endpoint, t.Model, t.Node)
+		return "", apierr.Unavailable(2, "inference endpoint %q of %s on %s is not a URL; check the neuron's /models/{id}/endpoint answer", t.Endpoint, t.Model, t.Node).WithReason(apierr.ReasonEndpointUnresolved)
 	}
 	port := u.Port()
 	if port == "" {
@@ -72,7 +72,7 @@ func (o *OriginalDst) Value(t *routing.Target) (string, *apierr.Error) {
 	defer cancel()
 	ips, err := o.resolver.LookupIP(ctx, "ip", host)
 	if err != nil || len(ips) == 0 {
-		return "", apierr.Unavailable(2, "cannot resolve %s (inference endpoint of %s on %s): %v; Envoy's ORIGINAL_DST cluster needs an IP", host, t.Model, t.Node, err)
+		return "", apierr.Unavailable(2, "cannot resolve %s (inference endpoint of %s on %s): %v; Envoy's ORIGINAL_DST cluster needs an IP", host, t.Model, t.Node, err).WithReason(apierr.ReasonEndpointUnresolved)
 	}
 	addr := net.JoinHostPort(ips[0].String(), strconv.Itoa(atoiOr(port, 80)))
 	o.mu.Lock()

@@ -236,7 +236,7 @@ func (l *ColdLoader) Join(model string) (*Flight, *apierr.Error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return nil, apierr.Unavailable(5, "cortex-extproc is shutting down; retry")
+		return nil, apierr.Unavailable(5, "cortex-extproc is shutting down; retry").WithReason(apierr.ReasonShuttingDown)
 	}
 	f := l.flights[model]
 	if f == nil {
@@ -280,7 +280,7 @@ func (w *Flight) wait(ctx context.Context) (node string, err *apierr.Error) {
 		return w.f.resNode, w.f.resErr
 	case <-ctx.Done():
 		return "", apierr.Unavailable(5, "model %q is still loading on %s (started %s ago); retry",
-			w.f.model, *w.f.node.Load(), time.Since(w.f.started).Round(time.Second))
+			w.f.model, *w.f.node.Load(), time.Since(w.f.started).Round(time.Second)).WithReason(apierr.ReasonLoadTimeout)
 	}
 }
 
@@ -308,7 +308,7 @@ func (l *ColdLoader) addWaiter() *apierr.Error {
 	n := l.waiters.Add(1)
 	if n > int64(l.cfg.MaxWaiters) {
 		l.waiters.Add(-1)
-		return apierr.Unavailable(5, "%d requests are already waiting for cold loads (cold_load.max_waiters); retry shortly", l.cfg.MaxWaiters)
+		return apierr.Unavailable(5, "%d requests are already waiting for cold loads (cold_load.max_waiters); retry shortly", l.cfg.MaxWaiters).WithReason(apierr.ReasonWaitersFull)
 	}
 	l.obs.WaitersChanged(int(n))
 	return nil
@@ -467,7 +467,7 @@ func (l *ColdLoader) plan(p *catalogue.Profile, exclude map[string]bool) (commit
 		}
 		l.ledger.drop(append(c.claims, c.reservation)...)
 		if try == maxPlanTries {
-			return committed{}, apierr.Unavailable(5, "model %q: the models that would make room on %s are in use (%s); retry shortly", p.ID, plan.Node, strings.Join(busy, ", "))
+			return committed{}, apierr.Unavailable(5, "model %q: the models that would make room on %s are in use (%s); retry shortly", p.ID, plan.Node, strings.Join(busy, ", ")).WithReason(apierr.ReasonNoRoom)
 		}
 	}
 }
@@ -509,12 +509,26 @@ func (l *ColdLoader) run(f *flight, p *catalogue.Profile, c committed) {
 		next, perr := l.nextPlan(ctx, p, tried, attempt)
 		if perr != "" {
 			l.log.Warn("cold load failed; giving up", "model", p.ID, "node", node, "error", reason, "why", perr)
-			l.finish(f, "", apierr.Unavailable(5, "cold load of %q failed on %s%s", p.ID, strings.Join(failures, "; "), l.nextStep(loadFailed)))
+			l.finish(f, "", apierr.Unavailable(5, "cold load of %q failed on %s%s", p.ID, strings.Join(failures, "; "), l.nextStep(loadFailed)).WithReason(l.failureReason(ctx, loadFailed)))
 			return
 		}
 		l.log.Warn("cold load failed; trying the next node", "model", p.ID, "node", node, "error", reason, "next", next.Node)
 		c = next
 	}
+}
+
+// failureReason classifies a flight that gave up: stopped by Close, out of
+// time, a load that failed, or only room that could not be made.
+func (l *ColdLoader) failureReason(ctx context.Context, loadFailed bool) apierr.Reason {
+	switch {
+	case l.ctx.Err() != nil:
+		return apierr.ReasonShuttingDown
+	case ctx.Err() != nil:
+		return apierr.ReasonLoadTimeout
+	case loadFailed:
+		return apierr.ReasonLoadFailed
+	}
+	return apierr.ReasonNoRoom
 }
 
 // nextStep is what the final failure message tells the operator to do.

@@ -47,9 +47,9 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, r
 	// 1. No healthy node at all.
 	if !snap.AnyHealthy() {
 		if len(snap.Nodes) == 0 {
-			return d, apierr.Unavailable(5, "no neurons are configured: add [[neurons]] entries to the cortex-extproc config")
+			return d, apierr.Unavailable(5, "no neurons are configured: add [[neurons]] entries to the cortex-extproc config").WithReason(apierr.ReasonNoNeurons)
 		}
-		return d, apierr.Unavailable(5, "no healthy neuron: all %d configured neurons are failing their polls (see /debug/fleet)", len(snap.Nodes))
+		return d, apierr.Unavailable(5, "no healthy neuron: all %d configured neurons are failing their polls (see /debug/fleet)", len(snap.Nodes)).WithReason(apierr.ReasonNoHealthy)
 	}
 
 	// 2. Loaded (or reloading) on healthy nodes and servable: least busy,
@@ -100,13 +100,13 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, r
 
 	// 3. Recovering somewhere: wait for it rather than race a second copy.
 	if recovering != "" {
-		return d, apierr.Unavailable(2, "model %q is recovering on %s; retry shortly", d.Model, recovering)
+		return d, apierr.Unavailable(2, "model %q is recovering on %s; retry shortly", d.Model, recovering).WithReason(apierr.ReasonRecovering)
 	}
 
 	// A neuron pre-warming it at start-up is loading it: a second copy
 	// elsewhere (or a lazy reload of another) would race that load.
 	if node := prewarming(snap, d.Model); node != "" {
-		return d, apierr.Unavailable(2, "model %q is being loaded by %s at start-up (pre-warming); retry shortly", d.Model, node)
+		return d, apierr.Unavailable(2, "model %q is being loaded by %s at start-up (pre-warming); retry shortly", d.Model, node).WithReason(apierr.ReasonPreWarming)
 	}
 
 	// 4. Known to a neuron but not resident: the neuron reloads it lazily.
@@ -115,7 +115,7 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, r
 		return d, nil
 	}
 	if residentNoEndpoint != "" {
-		return d, apierr.Unavailable(2, "model %q is on %s but its inference endpoint could not be resolved (GET /models/{id}/endpoint failed); retry shortly, and check the neuron if it persists", d.Model, residentNoEndpoint)
+		return d, apierr.Unavailable(2, "model %q is on %s but its inference endpoint could not be resolved (GET /models/{id}/endpoint failed); retry shortly, and check the neuron if it persists", d.Model, residentNoEndpoint).WithReason(apierr.ReasonEndpointUnresolved)
 	}
 
 	// 5. In the catalogue: cold-load it.
@@ -126,7 +126,7 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, r
 
 	// It exists, it just cannot serve now: not a 404.
 	if unservable != "" {
-		return d, apierr.Unavailable(5, "model %q is resident on %s, but the neuron reports it cannot serve now (%s); retry shortly", d.Model, unservable, unservableWhy)
+		return d, apierr.Unavailable(5, "model %q is resident on %s, but the neuron reports it cannot serve now (%s); retry shortly", d.Model, unservable, unservableWhy).WithReason(apierr.ReasonUnservable)
 	}
 
 	// 6. Unknown.

@@ -436,7 +436,7 @@ func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, p 
 		nodes = snap.Nodes
 	}
 	if len(nodes) == 0 {
-		return Plan{}, apierr.Unavailable(5, "model %q: no neuron has been polled yet; retry shortly, and check the [[neurons]] config if this persists", p.ID)
+		return Plan{}, apierr.Unavailable(5, "model %q: no neuron has been polled yet; retry shortly, and check the [[neurons]] config if this persists", p.ID).WithReason(apierr.ReasonNotPolled)
 	}
 	if len(p.PinnedOn) > 0 && !pinnedToAny(p, nodes) {
 		return Plan{}, apierr.NoFeasible("model %q: pinned_on %v names no configured neuron; fix pinned_on in the catalogue or configure that neuron", p.ID, p.PinnedOn)
@@ -479,9 +479,9 @@ func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, p 
 		detail := strings.Join(notes, "; ")
 		switch {
 		case cooldown:
-			return Plan{}, apierr.Unavailable(5, "model %q needs %s; no neuron can take it now (%s); retry shortly, and check the neuron's logs for why the load failed", p.ID, requirement(p), detail)
+			return Plan{}, apierr.Unavailable(5, "model %q needs %s; no neuron can take it now (%s); retry shortly, and check the neuron's logs for why the load failed", p.ID, requirement(p), detail).WithReason(apierr.ReasonCooldown)
 		case transient:
-			return Plan{}, apierr.Unavailable(3, "model %q needs %s; no healthy neuron can take it now (%s); retry shortly", p.ID, requirement(p), detail)
+			return Plan{}, apierr.Unavailable(3, "model %q needs %s; no healthy neuron can take it now (%s); retry shortly", p.ID, requirement(p), detail).WithReason(apierr.ReasonFeasibleUnhealthy)
 		}
 		return Plan{}, apierr.NoFeasible("model %q needs %s; no healthy neuron has them (%s); change the profile's min_devices, min_device_vram_mb or pinned_on, or add a neuron that meets them", p.ID, requirement(p), detail)
 	}
@@ -497,7 +497,7 @@ func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, p 
 		return plan, nil
 	}
 	if !top.fitsAfter {
-		return plan, apierr.Unavailable(5, "model %q: %s; retry later, or unload a model there", p.ID, noRoom(p, top, st.MaxEvictions))
+		return plan, apierr.Unavailable(5, "model %q: %s; retry later, or unload a model there", p.ID, noRoom(p, top, st.MaxEvictions)).WithReason(apierr.ReasonNoRoom)
 	}
 	plan.victims = top.evict
 	for _, r := range top.evict {

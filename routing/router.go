@@ -102,7 +102,7 @@ func (r *Router) route(snap *fleet.Snapshot, view *Commitments, requested string
 	if d.Step == StepColdLoad {
 		if r.loader == nil {
 			return Target{Requested: requested, Model: d.Model}, nil,
-				apierr.Unavailable(5, "model %q is in the catalogue but loaded nowhere, and cold loads are disabled", d.Model)
+				apierr.Unavailable(5, "model %q is in the catalogue but loaded nowhere, and cold loads are disabled", d.Model).WithReason(apierr.ReasonColdLoadsDisabled)
 		}
 		f, err := r.loader.Join(d.Model)
 		if err != nil {
@@ -135,17 +135,17 @@ func (p *Pending) Wait(ctx context.Context, lease *Lease) (Target, *apierr.Error
 	snap := p.r.fleet()
 	n := snap.Node(node)
 	if n == nil {
-		return failed, apierr.Unavailable(5, "model %q was loaded on %s, which has since left the fleet; retry", d.Model, node)
+		return failed, apierr.Unavailable(5, "model %q was loaded on %s, which has since left the fleet; retry", d.Model, node).WithReason(apierr.ReasonNodeGone)
 	}
 	m := n.Model(d.Model)
 	if m == nil || m.Endpoint == "" {
-		return failed, apierr.Unavailable(2, "model %q was loaded on %s but its inference endpoint could not be resolved; retry shortly", d.Model, node)
+		return failed, apierr.Unavailable(2, "model %q was loaded on %s but its inference endpoint could not be resolved; retry shortly", d.Model, node).WithReason(apierr.ReasonEndpointUnresolved)
 	}
 	d.Node, d.Cluster, d.Endpoint = n.Name, n.Cluster, m.Endpoint
 	p.r.usage.Use(d.Node, d.Model, lease)
 	if view.Blocked(n, d.Model) || p.r.claimedSince(view, snap, d.Node, d.Model) { // see Route
 		lease.Release()
-		return failed, apierr.Unavailable(2, "model %q was evicted from %s right after loading; retry", d.Model, node)
+		return failed, apierr.Unavailable(2, "model %q was evicted from %s right after loading; retry", d.Model, node).WithReason(apierr.ReasonEvictedAfterLoad)
 	}
 	return target(d), nil
 }

@@ -35,7 +35,7 @@ func (u *Upstream) DynamicMetadataKey() string { return "" }
 func (u *Upstream) Value(t *routing.Target) (string, *apierr.Error) {
 	a, err := parseAddr(t.Endpoint)
 	if err != nil {
-		return "", apierr.Unavailable(2, "inference endpoint of model %s on neuron %s is unusable (%v); check the neuron's /models/{id}/endpoint answer", t.Model, t.Node, err)
+		return "", apierr.Unavailable(2, "inference endpoint of model %s on neuron %s is unusable (%v); check the neuron's /models/{id}/endpoint answer", t.Model, t.Node, err).WithReason(apierr.ReasonEndpointUnresolved)
 	}
 	key := routeKey(t.Node, a)
 	var timer *time.Timer
@@ -45,7 +45,7 @@ func (u *Upstream) Value(t *routing.Target) (string, *apierr.Error) {
 			return cluster, nil
 		}
 		if !connected {
-			return "", apierr.Unavailable(2, "neuron %s's Envoy cluster is not yet acknowledged by Envoy (xDS); retry shortly. No Envoy has subscribed to clusters on cortex-extproc's gRPC port yet: check dynamic_resources (ads_config, cds_config) in Envoy's config, as in envoy/envoy-xds.yaml", t.Node)
+			return "", apierr.Unavailable(2, "neuron %s's Envoy cluster is not yet acknowledged by Envoy (xDS); retry shortly. No Envoy has subscribed to clusters on cortex-extproc's gRPC port yet: check dynamic_resources (ads_config, cds_config) in Envoy's config, as in envoy/envoy-xds.yaml", t.Node).WithReason(apierr.ReasonClusterNotAcked)
 		}
 		if u.wait <= 0 {
 			return "", notAcked(t)
@@ -63,5 +63,5 @@ func (u *Upstream) Value(t *routing.Target) (string, *apierr.Error) {
 }
 
 func notAcked(t *routing.Target) *apierr.Error {
-	return apierr.Unavailable(2, "neuron %s's Envoy cluster is not yet acknowledged by Envoy (xDS); retry shortly", t.Node)
+	return apierr.Unavailable(2, "neuron %s's Envoy cluster is not yet acknowledged by Envoy (xDS); retry shortly", t.Node).WithReason(apierr.ReasonClusterNotAcked)
 }
