@@ -54,8 +54,39 @@ type ExtProc struct {
 	TLSCertFile     string `mapstructure:"tls_cert_file"`
 	TLSKeyFile      string `mapstructure:"tls_key_file"`
 	ClientCAFile    string `mapstructure:"client_ca_file"`
-	// DrainTimeout bounds the graceful stop on SIGTERM.
+	// ShutdownDelay is how long new streams are still served on SIGTERM
+	// after readiness goes NOT_SERVING, so that Envoy's health checks take
+	// the instance out before its listener closes.
+	ShutdownDelay time.Duration `mapstructure:"shutdown_delay"`
+	// DrainTimeout bounds the graceful stop that follows: open streams get
+	// this long to finish.
 	DrainTimeout time.Duration `mapstructure:"drain_timeout"`
+}
+
+// The ext_proc cluster health check of the Envoy configs we ship
+// (envoy/*.yaml, compose/envoy.yaml, deploy/kubernetes, the Helm chart);
+// the deploy tests hold every one of them to these numbers or better.
+const (
+	EnvoyHealthCheckInterval = 5 * time.Second
+	EnvoyHealthCheckTimeout  = time.Second
+	EnvoyUnhealthyThreshold  = 3
+
+	// DefaultShutdownDelay is extproc.shutdown_delay's default:
+	// ShutdownDelayFor the shipped health check, 20s.
+	DefaultShutdownDelay = EnvoyHealthCheckInterval*EnvoyUnhealthyThreshold + EnvoyHealthCheckTimeout + shutdownDelayMargin
+
+	shutdownDelayMargin = 4 * time.Second
+)
+
+// ShutdownDelayFor is the shutdown_delay an Envoy health-checking the
+// ext_proc cluster every interval, with this timeout and
+// unhealthy_threshold, needs: after the first check that sees NOT_SERVING
+// (or, worse, that cannot connect), Envoy may go on opening streams to
+// this instance until threshold checks have failed, each up to timeout
+// long, interval apart; a few seconds more cover a check that started
+// just before readiness went off and a busy host.
+func ShutdownDelayFor(interval, timeout time.Duration, unhealthyThreshold int) time.Duration {
+	return interval*time.Duration(unhealthyThreshold) + timeout + shutdownDelayMargin
 }
 
 // Admin is the HTTP listener for /metrics, /healthz, /readyz, /debug/fleet.
@@ -131,6 +162,7 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("extproc.tls_cert_file", "")
 	v.SetDefault("extproc.tls_key_file", "")
 	v.SetDefault("extproc.client_ca_file", "")
+	v.SetDefault("extproc.shutdown_delay", DefaultShutdownDelay)
 	v.SetDefault("extproc.drain_timeout", 30*time.Second)
 	v.SetDefault("admin.listen", "127.0.0.1:9090")
 	v.SetDefault("poll.interval", 10*time.Second)
@@ -488,6 +520,9 @@ func (c *Config) Validate() []Problem {
 	}
 	if c.ExtProc.ClientCAFile != "" && c.ExtProc.TLSCertFile == "" {
 		add("extproc.client_ca_file", "mTLS needs tls_cert_file and tls_key_file too")
+	}
+	if c.ExtProc.ShutdownDelay < 0 {
+		add("extproc.shutdown_delay", "%s is negative; use 0 to close the listener at once (only without a load balancer in front), or at least Envoy's health-check interval × unhealthy_threshold + timeout (default %s)", c.ExtProc.ShutdownDelay, DefaultShutdownDelay)
 	}
 	if c.ExtProc.DrainTimeout < 0 {
 		add("extproc.drain_timeout", "%s is negative; use 0 to close open streams at once, or a duration such as 30s", c.ExtProc.DrainTimeout)

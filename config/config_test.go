@@ -40,6 +40,7 @@ func TestDefaultsAreTheContractValues(t *testing.T) {
 			Listen:            "127.0.0.1:9002",
 			MaxMessageTimeout: time.Hour,
 			MaxRequestBytes:   33554432,
+			ShutdownDelay:     20 * time.Second,
 			DrainTimeout:      30 * time.Second,
 		},
 		Admin:     Admin{Listen: "127.0.0.1:9090"},
@@ -470,6 +471,7 @@ func TestValidateProblems(t *testing.T) {
 		{"key without cert", func(c *Config) { c.ExtProc.TLSKeyFile = "/etc/tls.key" }, "extproc.tls_cert_file", "not set but tls_key_file is"},
 		{"client CA without TLS", func(c *Config) { c.ExtProc.ClientCAFile = "/etc/ca.pem" }, "extproc.client_ca_file", "mTLS needs tls_cert_file and tls_key_file"},
 		{"drain_timeout negative", func(c *Config) { c.ExtProc.DrainTimeout = -time.Second }, "extproc.drain_timeout", "is negative"},
+		{"shutdown_delay negative", func(c *Config) { c.ExtProc.ShutdownDelay = -time.Second }, "extproc.shutdown_delay", "-1s is negative; use 0 to close the listener at once"},
 		{"poll interval", func(c *Config) { c.Poll.Interval = 0 }, "poll.interval", "must be a positive duration"},
 		{"poll timeout", func(c *Config) { c.Poll.Timeout = -time.Second }, "poll.timeout", "must be a positive duration"},
 		{"failure_threshold", func(c *Config) { c.Poll.FailureThreshold = 0 }, "poll.failure_threshold", "must be at least 1"},
@@ -562,5 +564,45 @@ func TestLoadErrorMessage(t *testing.T) {
 	e := &LoadError{File: "/etc/c.toml", Problems: []Problem{{Key: "poll.interval", Message: "bad"}, {Message: "whole file"}}}
 	if got, want := e.Error(), "config /etc/c.toml: poll.interval: bad; whole file"; got != want {
 		t.Errorf("Error() = %q, want %q", got, want)
+	}
+}
+
+// The default shutdown_delay covers the shipped Envoy health check: 3
+// failed checks 5 s apart, each up to 1 s, plus the margin.
+func TestShutdownDelayDefaultFollowsEnvoyHealthCheck(t *testing.T) {
+	if got := ShutdownDelayFor(EnvoyHealthCheckInterval, EnvoyHealthCheckTimeout, EnvoyUnhealthyThreshold); got != DefaultShutdownDelay {
+		t.Errorf("ShutdownDelayFor(shipped health check) = %s, DefaultShutdownDelay = %s", got, DefaultShutdownDelay)
+	}
+	if DefaultShutdownDelay != 20*time.Second {
+		t.Errorf("DefaultShutdownDelay = %s, want 20s (5s × 3 + 1s + 4s)", DefaultShutdownDelay)
+	}
+	if got := ShutdownDelayFor(10*time.Second, 2*time.Second, 2); got != 26*time.Second {
+		t.Errorf("ShutdownDelayFor(10s, 2s, 2) = %s, want 26s", got)
+	}
+}
+
+func TestShutdownDelayFromFileAndEnvironment(t *testing.T) {
+	dir := catalogueDir(t)
+	path := write(t, dir, "c.toml", "models_config = \"models.toml\"\n[extproc]\nshutdown_delay = \"45s\"\n")
+	res, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Config.ExtProc.ShutdownDelay != 45*time.Second || len(res.Unknown) != 0 {
+		t.Errorf("shutdown_delay = %s (unknown keys %v), want 45s", res.Config.ExtProc.ShutdownDelay, res.Unknown)
+	}
+
+	t.Setenv("CORTEX_EXTPROC__SHUTDOWN_DELAY", "0s")
+	if res, err = Load(path); err != nil {
+		t.Fatal(err)
+	}
+	if res.Config.ExtProc.ShutdownDelay != 0 || len(res.UnknownEnv) != 0 {
+		t.Errorf("with CORTEX_EXTPROC__SHUTDOWN_DELAY=0s: shutdown_delay = %s (unknown env %v), want 0", res.Config.ExtProc.ShutdownDelay, res.UnknownEnv)
+	}
+
+	t.Setenv("CORTEX_EXTPROC__SHUTDOWN_DELAY", "20")
+	_, err = Load(path)
+	if err == nil || !strings.Contains(err.Error(), `extproc.shutdown_delay: "20" is not a duration; write a Go duration such as "10s"`) {
+		t.Errorf("CORTEX_EXTPROC__SHUTDOWN_DELAY=20: %v, want an error naming the key and the format", err)
 	}
 }
