@@ -30,6 +30,7 @@ package reqbody
 import (
 	"bytes"
 	"encoding/json"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/helexa/cortex-extproc/apierr"
@@ -101,24 +102,66 @@ func decodeString(quoted []byte) (string, bool) {
 	return s, err == nil
 }
 
-// CheckID refuses model ids that are empty, too long, not UTF-8 or carry
-// control characters: they could otherwise end up in headers, logs or URLs.
+// CheckID refuses model ids that are empty, too long, not UTF-8, or carry
+// control characters (C0, DEL, C1) or invisible format characters
+// (Unicode category Cf: bidirectional overrides and marks, zero-width
+// spaces, byte-order marks): they could otherwise end up in headers, logs
+// or URLs, or make one id display as another. Every error says which code
+// point was found.
+//
+// An id is almost always ASCII: that is checked byte by byte, and only an
+// id with a non-ASCII byte takes the slow path that decodes runes.
 func CheckID(id string) *apierr.Error {
 	if id == "" {
-		return apierr.InvalidRequest("\"model\" is empty: name the model to use")
+		return invalidID("\"model\" is empty: name the model to use")
 	}
 	if len(id) > MaxModelLen {
-		return apierr.InvalidRequest("\"model\" is %d bytes long; model ids are at most %d", len(id), MaxModelLen)
+		return invalidID("\"model\" is %d bytes long; model ids are at most %d", len(id), MaxModelLen)
 	}
-	if !utf8.ValidString(id) {
-		return apierr.InvalidRequest("\"model\" is not valid UTF-8")
-	}
-	for _, c := range id {
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if c >= utf8.RuneSelf {
+			return checkNonASCII(id[i:])
+		}
 		if c < 0x20 || c == 0x7f {
-			return apierr.InvalidRequest("\"model\" contains a control character (%U); model ids are plain text", c)
+			return controlChar(rune(c))
 		}
 	}
 	return nil
+}
+
+// checkNonASCII is CheckID's slow path, from the first non-ASCII byte on.
+func checkNonASCII(id string) *apierr.Error {
+	if !utf8.ValidString(id) {
+		return invalidID("\"model\" is not valid UTF-8: send the model id as UTF-8 plain text")
+	}
+	for _, c := range id {
+		switch {
+		case c < 0x20 || c == 0x7f || (c >= 0x80 && c <= 0x9f):
+			return controlChar(c)
+		case isBidiControl(c):
+			return invalidID("\"model\" contains the bidirectional control character %U, which changes how text around it is displayed; send the model id as plain text, without direction marks, embeddings, overrides or isolates", c)
+		case unicode.Is(unicode.Cf, c):
+			return invalidID("\"model\" contains the invisible format character %U; send the model id as plain text, without zero-width or other format characters", c)
+		}
+	}
+	return nil
+}
+
+// isBidiControl reports the characters of Unicode's bidirectional
+// algorithm that are not letters: marks (LRM, RLM, ALM), embeddings and
+// overrides (LRE…RLO), isolates (LRI…PDI). All are category Cf too; they
+// get their own message because they are the ones used to disguise text.
+func isBidiControl(c rune) bool {
+	return c == 0x061c || c == 0x200e || c == 0x200f || (c >= 0x202a && c <= 0x202e) || (c >= 0x2066 && c <= 0x2069)
+}
+
+func controlChar(c rune) *apierr.Error {
+	return invalidID("\"model\" contains the control character %U; send the model id as plain text", c)
+}
+
+func invalidID(format string, args ...any) *apierr.Error {
+	return apierr.InvalidRequest(format, args...).WithReason(apierr.ReasonInvalidModelID)
 }
 
 // Span is where the model's raw JSON string (quotes included) sits in the
