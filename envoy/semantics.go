@@ -17,6 +17,8 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/helexa/cortex-extproc/extproc"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -347,6 +349,33 @@ func (c *checker) checkExtProc(path string, ep *extprocv3.ExternalProcessor) {
 	if ep.GetDisableClearRouteCache() && ep.GetRouteCacheAction() != extprocv3.ExternalProcessor_DEFAULT {
 		c.addf(path+".disable_clear_route_cache", "set together with route_cache_action %s: Envoy rejects this combination", ep.GetRouteCacheAction())
 	}
+	c.checkModeOverride(path, ep)
+}
+
+// checkModeOverride: an Anthropic Messages request sent to a neuron that
+// speaks only OpenAI has its answer translated back, which needs that one
+// request's response body streamed through cortex-extproc; it asks with a
+// mode_override in its response-headers reply (extproc.TranslatedMode).
+func (c *checker) checkModeOverride(path string, ep *extprocv3.ExternalProcessor) {
+	want := extproc.TranslatedMode()
+	switch {
+	case !ep.GetAllowModeOverride():
+		c.addf(path+".allow_mode_override", "must be true: cortex-extproc switches the response body of a translated Anthropic request to STREAMED; without it Anthropic clients get untranslated OpenAI answers. Add allowed_override_modes with exactly %s to allow nothing else", modeString(want))
+	case ep.GetSendBodyWithoutWaitingForHeaderResponse():
+		c.addf(path+".send_body_without_waiting_for_header_response", "must be false: Envoy then ignores every mode_override, and translated Anthropic answers stay untranslated")
+	case len(ep.GetAllowedOverrideModes()) > 0 && !slices.ContainsFunc(ep.GetAllowedOverrideModes(), func(m *extprocv3.ProcessingMode) bool { return proto.Equal(m, want) }):
+		c.addf(path+".allowed_override_modes", "does not list %s, the only mode cortex-extproc overrides to (a translated Anthropic answer); add it", modeString(want))
+	}
+	for i, m := range ep.GetAllowedOverrideModes() {
+		if !proto.Equal(m, want) {
+			c.addf(fmt.Sprintf("%s.allowed_override_modes[%d]", path, i), "allows %s, which cortex-extproc never asks for; list only %s", modeString(m), modeString(want))
+		}
+	}
+}
+
+func modeString(m *extprocv3.ProcessingMode) string {
+	return fmt.Sprintf("{request_header_mode: %s, response_header_mode: %s, request_body_mode: %s, response_body_mode: %s, request_trailer_mode: %s, response_trailer_mode: %s}",
+		m.GetRequestHeaderMode(), m.GetResponseHeaderMode(), m.GetRequestBodyMode(), m.GetResponseBodyMode(), m.GetRequestTrailerMode(), m.GetResponseTrailerMode())
 }
 
 // grpcCluster checks a static cluster that carries gRPC (ext_proc or ADS).
