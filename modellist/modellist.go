@@ -1,6 +1,8 @@
 // Package modellist builds the unified model list (routing.md "The unified
 // model list"): GET /v1/models and GET /v1/models/{id}, answered by
-// cortex-extproc itself from the catalogue and fleet snapshots.
+// cortex-extproc itself from the catalogue and fleet snapshots, in OpenAI's
+// shape (List, Get) or, for Anthropic clients, in Anthropic's
+// (AnthropicList, AnthropicGet).
 package modellist
 
 import (
@@ -56,11 +58,16 @@ type List struct {
 	fleet     func() *fleet.Snapshot
 	created   int64
 
-	mu    sync.Mutex
-	cat   *catalogue.Catalogue
-	snap  *fleet.Snapshot
-	list  []byte
-	items map[string][]byte
+	mu      sync.Mutex
+	cat     *catalogue.Catalogue
+	snap    *fleet.Snapshot
+	entries []Entry
+	list    []byte
+	items   map[string][]byte
+	// aList and aItems are the Anthropic-shaped bodies of entries, built
+	// on first use (nil until then).
+	aList  []byte
+	aItems map[string][]byte
 }
 
 // New builds a List over the two snapshot sources.
@@ -96,6 +103,7 @@ func (l *List) refresh() {
 	for _, e := range entries {
 		l.items[e.ID], _ = json.Marshal(e)
 	}
+	l.entries, l.aList, l.aItems = entries, nil, nil
 	l.cat, l.snap = cat, snap
 }
 
