@@ -36,6 +36,7 @@ type Config struct {
 	Catalogue    CatalogueWatch `mapstructure:"catalogue"`
 	Log          Log            `mapstructure:"log"`
 	XDS          XDS            `mapstructure:"xds"`
+	Anthropic    Anthropic      `mapstructure:"anthropic"`
 	Neurons      []Neuron       `mapstructure:"neurons"`
 
 	// File is the config file read ("" for embedded defaults); not a key.
@@ -138,6 +139,45 @@ type Neuron struct {
 	Name     string `mapstructure:"name"`
 	Endpoint string `mapstructure:"endpoint"`
 	Cluster  string `mapstructure:"cluster"`
+	// AnthropicNative: this neuron serves POST /v1/messages itself, so
+	// with anthropic.translate = "per_neuron" such requests reach it
+	// unchanged.
+	AnthropicNative bool `mapstructure:"anthropic_native"`
+}
+
+// Anthropic is how Anthropic Messages requests (POST /v1/messages) reach
+// the neurons.
+type Anthropic struct {
+	// Translate is one of TranslateAlways (default: the fleet's neurons
+	// speak only OpenAI; requests go as /v1/chat/completions and answers
+	// come back in Anthropic's shape), TranslateNever (every neuron serves
+	// /v1/messages: forward them unchanged but for the model id) and
+	// TranslatePerNeuron (translate except for neurons marked
+	// anthropic_native).
+	Translate string `mapstructure:"translate"`
+}
+
+// anthropic.translate values.
+const (
+	TranslateAlways    = "always"
+	TranslateNever     = "never"
+	TranslatePerNeuron = "per_neuron"
+)
+
+// TranslatesAnthropic reports whether a /v1/messages request routed to the
+// neuron named node is translated.
+func (c *Config) TranslatesAnthropic(node string) bool {
+	switch c.Anthropic.Translate {
+	case TranslateNever:
+		return false
+	case TranslatePerNeuron:
+		for _, n := range c.Neurons {
+			if n.Name == node {
+				return !n.AnthropicNative
+			}
+		}
+	}
+	return true
 }
 
 // ClusterName is the Envoy cluster, default "neuron-<name>".
@@ -178,6 +218,7 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("log.level", "info")
 	v.SetDefault("log.format", "auto")
 	v.SetDefault("xds.enabled", false)
+	v.SetDefault("anthropic.translate", TranslateAlways)
 }
 
 // Result is a loaded config plus what was found wrong with it.
@@ -573,6 +614,16 @@ func (c *Config) Validate() []Problem {
 	case "auto", "json", "text":
 	default:
 		add("log.format", "%q is not one of auto, json, text", c.Log.Format)
+	}
+	switch c.Anthropic.Translate {
+	case TranslateAlways, TranslateNever, TranslatePerNeuron:
+	default:
+		add("anthropic.translate", "%q is not one of always (neurons speak only OpenAI), never (every neuron serves /v1/messages), per_neuron (translate except for neurons with anthropic_native = true)", c.Anthropic.Translate)
+	}
+	for i, n := range c.Neurons {
+		if n.AnthropicNative && c.Anthropic.Translate != TranslatePerNeuron {
+			add(fmt.Sprintf("neurons[%d].anthropic_native", i), "has no effect while anthropic.translate is %q; set anthropic.translate = \"per_neuron\" to send /v1/messages to this neuron unchanged", c.Anthropic.Translate)
+		}
 	}
 	if c.File != "" && c.ModelsConfig == "" {
 		add("models_config", "not set: point it at the catalogue (models.toml), relative to this file's folder")

@@ -49,6 +49,7 @@ func TestDefaultsAreTheContractValues(t *testing.T) {
 		Upstream:  Upstream{Mode: ModeClusterHeader, ClusterHeader: "x-cortex-cluster"},
 		Catalogue: CatalogueWatch{PollInterval: 30 * time.Second},
 		Log:       Log{Level: "info", Format: "auto"},
+		Anthropic: Anthropic{Translate: TranslateAlways},
 	}
 	if !reflect.DeepEqual(res.Config, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", res.Config, want)
@@ -604,5 +605,43 @@ func TestShutdownDelayFromFileAndEnvironment(t *testing.T) {
 	_, err = Load(path)
 	if err == nil || !strings.Contains(err.Error(), `extproc.shutdown_delay: "20" is not a duration; write a Go duration such as "10s"`) {
 		t.Errorf("CORTEX_EXTPROC__SHUTDOWN_DELAY=20: %v, want an error naming the key and the format", err)
+	}
+}
+
+// anthropic.translate picks which neurons get /v1/messages translated to
+// chat completions; anthropic_native means something only per neuron.
+func TestAnthropicTranslation(t *testing.T) {
+	dir := catalogueDir(t)
+	load := func(body string) Config {
+		t.Helper()
+		res, err := Parse(write(t, dir, "c.toml", "models_config = \"models.toml\"\n"+body), []byte("models_config = \"models.toml\"\n"+body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.Config
+	}
+	neurons := "[[neurons]]\nname = \"a\"\nendpoint = \"http://a:13131\"\n[[neurons]]\nname = \"b\"\nendpoint = \"http://b:13131\"\nanthropic_native = true\n"
+	c := load("[anthropic]\ntranslate = \"per_neuron\"\n" + neurons)
+	if ps := c.Validate(); len(ps) != 0 {
+		t.Fatalf("per_neuron: %v", ps)
+	}
+	if !c.TranslatesAnthropic("a") || c.TranslatesAnthropic("b") {
+		t.Error("per_neuron: a (OpenAI only) must be translated, b (native) not")
+	}
+	c = load("[anthropic]\ntranslate = \"never\"\n")
+	if c.TranslatesAnthropic("a") {
+		t.Error("never: translated")
+	}
+	if c = load(""); !c.TranslatesAnthropic("a") {
+		t.Error("default: not translated")
+	}
+	c = load(neurons)
+	ps := c.Validate()
+	if len(ps) != 1 || ps[0].Key != "neurons[1].anthropic_native" || !strings.Contains(ps[0].Message, "per_neuron") {
+		t.Errorf("anthropic_native without per_neuron: %v", ps)
+	}
+	c = load("[anthropic]\ntranslate = \"sometimes\"\n")
+	if ps := c.Validate(); len(ps) != 1 || ps[0].Key != "anthropic.translate" {
+		t.Errorf("unknown translate value: %v", ps)
 	}
 }

@@ -15,9 +15,11 @@ import (
 	"sync"
 	"time"
 
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -54,6 +56,9 @@ type envoyLite struct {
 	clusters map[string]string // Envoy cluster name → upstream base URL
 	upstream *http.Client
 	routes   *envoy.RouteTable
+	// filter is envoy.yaml's ext_proc filter config: allow_mode_override
+	// and allowed_override_modes decide whether a mode_override counts.
+	filter *filterv3.ExternalProcessor
 
 	messageTimeout     time.Duration
 	maxMessageTimeout  time.Duration
@@ -82,28 +87,76 @@ type envoyLiteConfig struct {
 // envoyYAML is the config envoyLite stands in for.
 const envoyYAML = "../envoy/envoy.yaml"
 
-// loadRouteTable parses the route table of an Envoy bootstrap file.
-func loadRouteTable(path string) (*envoy.RouteTable, error) {
+// loadRouteTable parses the route table and the ext_proc filter config of
+// an Envoy bootstrap file.
+func loadRouteTable(path string) (*envoy.RouteTable, *filterv3.ExternalProcessor, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("envoylite: %w", err)
+		return nil, nil, fmt.Errorf("envoylite: %w", err)
 	}
 	b, err := envoy.ParseBootstrapYAML(data)
 	if err != nil {
-		return nil, fmt.Errorf("envoylite: %s: %w", path, err)
+		return nil, nil, fmt.Errorf("envoylite: %s: %w", path, err)
 	}
 	rt, err := envoy.InferenceRouteTable(b)
 	if err != nil {
-		return nil, fmt.Errorf("envoylite: %s: %w", path, err)
+		return nil, nil, fmt.Errorf("envoylite: %s: %w", path, err)
 	}
-	return rt, nil
+	return rt, extProcFilter(b), nil
+}
+
+// extProcFilter finds the first ext_proc filter config in b (nil if none).
+func extProcFilter(b *bootstrapv3.Bootstrap) *filterv3.ExternalProcessor {
+	for _, l := range b.GetStaticResources().GetListeners() {
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				hcm := &hcmv3.HttpConnectionManager{}
+				if f.GetTypedConfig().UnmarshalTo(hcm) != nil {
+					continue
+				}
+				for _, hf := range hcm.GetHttpFilters() {
+					ep := &filterv3.ExternalProcessor{}
+					if hf.GetTypedConfig().UnmarshalTo(ep) == nil {
+						return ep
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// modeOverrideAllowed is ext_proc.cc's rule for a mode_override in a reply
+// to a headers message: allow_mode_override on, and the mode in
+// allowed_override_modes when that list is set (header modes there are
+// not compared; body modes are taken literally).
+func (e *envoyLite) modeOverrideAllowed(m *filterv3.ProcessingMode) (bool, string) {
+	f := e.filter
+	if !f.GetAllowModeOverride() {
+		return false, "allow_mode_override is off"
+	}
+	if f.GetSendBodyWithoutWaitingForHeaderResponse() {
+		return false, "send_body_without_waiting_for_header_response is on"
+	}
+	allowed := f.GetAllowedOverrideModes()
+	if len(allowed) == 0 {
+		return true, ""
+	}
+	for _, a := range allowed {
+		if a.GetRequestBodyMode() == m.GetRequestBodyMode() && a.GetResponseBodyMode() == m.GetResponseBodyMode() &&
+			a.GetRequestTrailerMode() == m.GetRequestTrailerMode() && a.GetResponseTrailerMode() == m.GetResponseTrailerMode() &&
+			a.GetResponseHeaderMode() == m.GetResponseHeaderMode() {
+			return true, ""
+		}
+	}
+	return false, "the mode is not in allowed_override_modes"
 }
 
 func newEnvoyLite(cfg envoyLiteConfig) (*envoyLite, error) {
 	if cfg.EnvoyConfig == "" {
 		cfg.EnvoyConfig = envoyYAML
 	}
-	routes, err := loadRouteTable(cfg.EnvoyConfig)
+	routes, filter, err := loadRouteTable(cfg.EnvoyConfig)
 	if err != nil {
 		return nil, err
 	}
@@ -125,6 +178,7 @@ func newEnvoyLite(cfg envoyLiteConfig) (*envoyLite, error) {
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
 		routes:             routes,
+		filter:             filter,
 		messageTimeout:     cfg.MessageTimeout,
 		maxMessageTimeout:  cfg.MaxMessageTimeout,
 		bufferLimit:        cfg.BufferLimit,
@@ -526,11 +580,20 @@ func (e *envoyLite) respond(w http.ResponseWriter, ent *accessEntry, st *extproc
 			e.writeLocal(w, ent, fail)
 			return
 		}
-		st.finished()
 	}
-	// Response body mode NONE: nothing more for ext_proc. Envoy closes the
-	// stream now, long before an SSE body ends.
-	st.close()
+	streamed := st.active && st.responseBodyMode == filterv3.ProcessingMode_STREAMED
+	if streamed {
+		// STREAMED: the headers go on without content-length; every body
+		// chunk then goes through ext_proc, one reply each, in order.
+		rh.del("content-length")
+	} else {
+		if st.active {
+			st.finished()
+		}
+		// Response body mode NONE: nothing more for ext_proc. Envoy closes
+		// the stream now, long before an SSE body ends.
+		st.close()
+	}
 	code, _ := strconv.Atoi(rh.first(":status"))
 	for _, h := range rh {
 		if !strings.HasPrefix(h.k, ":") {
@@ -543,15 +606,62 @@ func (e *envoyLite) respond(w http.ResponseWriter, ent *accessEntry, st *extproc
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := up.Body.Read(buf)
-		if n > 0 {
-			if _, werr := w.Write(buf[:n]); werr != nil {
+		chunk, end := buf[:n], err != nil
+		if streamed && (n > 0 || end) {
+			var ok bool
+			if chunk, ok = st.responseBody(chunk, end); !ok {
+				// Headers are gone: Envoy can only reset the stream.
+				e.update(func() { ent.Details = "ext_proc_error_response_body" })
+				st.close()
+				panic(http.ErrAbortHandler)
+			}
+		}
+		if len(chunk) > 0 {
+			if _, werr := w.Write(chunk); werr != nil {
+				st.close()
 				return
 			}
 			_ = rc.Flush()
 		}
-		if err != nil {
+		if end {
+			if streamed {
+				st.finished()
+				st.close()
+			}
 			return
 		}
+	}
+}
+
+// responseBody sends one response body chunk in STREAMED mode and returns
+// what goes to the client instead: the chunk as the reply's body_mutation
+// leaves it. false: no usable reply (timeout, error, wrong type).
+func (st *extprocStream) responseBody(chunk []byte, end bool) ([]byte, bool) {
+	resp, fail := st.exchange("response_body", &extprocv3.ProcessingRequest{
+		Request: &extprocv3.ProcessingRequest_ResponseBody{ResponseBody: &extprocv3.HttpBody{Body: bytes.Clone(chunk), EndOfStream: end}},
+	})
+	if fail != nil || resp == nil {
+		return nil, false
+	}
+	rb, ok := resp.GetResponse().(*extprocv3.ProcessingResponse_ResponseBody)
+	if !ok {
+		st.spurious("response_body", resp)
+		return nil, false
+	}
+	c := rb.ResponseBody.GetResponse()
+	if c.GetHeaderMutation() != nil {
+		st.e.problem(st.ent, "header_mutation in a response_body reply in STREAMED mode: the headers are already sent, Envoy ignores it")
+	}
+	switch m := c.GetBodyMutation().GetMutation().(type) {
+	case nil:
+		return chunk, true
+	case *extprocv3.BodyMutation_Body:
+		return m.Body, true
+	case *extprocv3.BodyMutation_ClearBody:
+		return nil, true
+	default:
+		st.e.problem(st.ent, "body_mutation %T is only for FULL_DUPLEX_STREAMED: Envoy ignores it in STREAMED", m)
+		return chunk, true
 	}
 }
 
@@ -635,6 +745,9 @@ type extprocStream struct {
 	// done: every expected reply arrived; anything more is a problem.
 	done   bool
 	closed bool
+	// responseBodyMode is NONE as shipped, or what an accepted
+	// mode_override in a headers reply set for this request.
+	responseBodyMode filterv3.ProcessingMode_BodySendMode
 }
 
 type recvResult struct {
@@ -768,8 +881,18 @@ func (st *extprocStream) exchange(name string, req *extprocv3.ProcessingRequest)
 				}
 				continue
 			}
-			if resp.GetModeOverride() != nil {
-				e.problem(st.ent, "mode_override sent but allow_mode_override is off: Envoy ignores it")
+			if mo := resp.GetModeOverride(); mo != nil {
+				ok, why := e.modeOverrideAllowed(mo)
+				switch {
+				case name != "request_headers" && name != "response_headers":
+					e.problem(st.ent, "mode_override in the reply to %s: Envoy honours it only in a reply to a headers message", name)
+				case !ok:
+					e.problem(st.ent, "mode_override sent but %s: Envoy ignores it", why)
+				case mo.GetRequestBodyMode() != filterv3.ProcessingMode_BUFFERED && name == "request_headers":
+					e.problem(st.ent, "mode_override sets request_body_mode %s: body modes are taken literally, and cortex-extproc needs BUFFERED", mo.GetRequestBodyMode())
+				default:
+					st.responseBodyMode = mo.GetResponseBodyMode()
+				}
 			}
 			st.takeMetadata(resp)
 			return resp, nil

@@ -35,6 +35,8 @@ type neuronReloader struct {
 	poller  *fleet.Poller
 	clients *atomic.Pointer[map[string]neuron.API]
 	poll    time.Duration // < 0: no hash poll
+	// onNeurons, when set, learns the [[neurons]] of each applied reload.
+	onNeurons func([]config.Neuron)
 
 	// Owner state, touched only by run's goroutine after it starts.
 	//
@@ -192,6 +194,9 @@ func (r *neuronReloader) apply(ev filewatch.Event) {
 	// client. A load already running on a removed neuron keeps the client
 	// it has and finishes.
 	r.clients.Store(&clients)
+	if r.onNeurons != nil {
+		r.onNeurons(next.Neurons)
+	}
 	r.poller.SetNeurons(list)
 	r.log.Info("neurons reloaded", "trigger", trigger, "neurons", len(next.Neurons),
 		"added", added, "removed", removed, "changed", changed)
@@ -218,7 +223,7 @@ func diffNeurons(prev, next []config.Neuron) (added, removed, changed []string) 
 		switch {
 		case !ok:
 			added = append(added, n.Name)
-		case o.Endpoint != n.Endpoint || o.ClusterName() != n.ClusterName():
+		case o.Endpoint != n.Endpoint || o.ClusterName() != n.ClusterName() || o.AnthropicNative != n.AnthropicNative:
 			changed = append(changed, n.Name)
 		}
 	}
