@@ -91,6 +91,8 @@ type Poller struct {
 	// Owner-only state below: touched by NewPoller before Run starts, then
 	// only by the Run goroutine.
 	nodes      map[string]*nodeState
+	order      []*nodeState // nodes sorted by name; nil after the set changed
+	published  *Snapshot    // the last snapshot published, whose layout the next one derives from
 	round      uint64
 	seq        uint64 // orders round starts and MarkLoaded calls
 	readyDone  bool
@@ -126,6 +128,13 @@ type nodeState struct {
 	// marks are MarkLoaded calls (model -> seq) not yet confirmed by a poll
 	// that started after them.
 	marks map[string]mark
+
+	// view is the *Node last published for this state. Every change to
+	// what node() reads sets dirty, and only a dirty node is rebuilt at
+	// publish: the others keep their *Node, so that publishing one
+	// neuron's answer does not rebuild the whole fleet.
+	view  *Node
+	dirty bool
 }
 
 // mark is a MarkLoaded call: what the load put where.
@@ -374,6 +383,7 @@ func (p *Poller) applyNeurons(neurons []Neuron, reload bool) {
 	for name, ns := range p.nodes {
 		if n, ok := want[name]; !ok || n.Endpoint != ns.cfg.Endpoint {
 			delete(p.nodes, name)
+			p.order = nil
 			if reload {
 				p.log.Info("neuron removed from config", "node", name, "endpoint", ns.cfg.Endpoint)
 				if p.cfg.OnRemove != nil && !ok {
@@ -384,9 +394,13 @@ func (p *Poller) applyNeurons(neurons []Neuron, reload bool) {
 	}
 	for name, n := range want {
 		if ns, ok := p.nodes[name]; ok {
+			if n.Cluster != ns.cfg.Cluster {
+				ns.dirty = true
+			}
 			ns.cfg = n // same endpoint: keep what we know, take the new client and cluster
 			continue
 		}
+		p.order = nil
 		p.nodes[name] = &nodeState{
 			cfg:         n,
 			endpoints:   map[string]string{},
@@ -565,6 +579,7 @@ func normalizeModels(ms []neuron.Model) []neuron.Model {
 // changes so a neuron failing every 10 s does not flood the log.
 func (p *Poller) apply(ns *nodeState, r pollResult) {
 	name := ns.cfg.Name
+	ns.dirty = true // lastPoll at least
 	ns.lastPoll = time.Now()
 
 	if r.healthErr != nil {
@@ -697,6 +712,7 @@ func (p *Poller) setModels(ns *nodeState, models []neuron.Model) {
 		}
 	}
 	ns.models = models
+	ns.dirty = true
 }
 
 // setEndpoint records an endpoint lookup, logging when its state changes.
@@ -706,6 +722,7 @@ func (p *Poller) setEndpoint(ns *nodeState, model string, a endpointAnswer) {
 	if !slices.ContainsFunc(ns.models, func(m neuron.Model) bool { return m.ID == model }) {
 		return
 	}
+	ns.dirty = true
 	if a.err != nil {
 		delete(ns.endpoints, model)
 		if msg := a.err.Error(); ns.endpointErr[model] != msg {
@@ -788,20 +805,40 @@ func (p *Poller) finishResolve(res resolveResult) {
 	res.reply <- nil
 }
 
-// publish builds a fresh immutable Snapshot from the owner's state.
+// publish builds a fresh immutable Snapshot from the owner's state. Nodes
+// whose state did not change since the last publish keep their *Node, and
+// the model layout is derived from the last snapshot's: both cost what
+// changed, not the fleet's size.
 func (p *Poller) publish() {
-	s := &Snapshot{Round: p.round, Taken: time.Now(), Nodes: make([]*Node, 0, len(p.nodes))}
-	for _, ns := range p.nodes {
-		s.Nodes = append(s.Nodes, ns.node())
+	if p.order == nil {
+		p.order = slices.SortedFunc(maps.Values(p.nodes), func(a, b *nodeState) int { return cmp.Compare(a.cfg.Name, b.cfg.Name) })
 	}
-	slices.SortFunc(s.Nodes, func(a, b *Node) int { return cmp.Compare(a.Name, b.Name) })
+	s := &Snapshot{Round: p.round, Taken: time.Now(), Nodes: make([]*Node, len(p.order))}
+	for i, ns := range p.order {
+		if ns.view == nil || ns.dirty {
+			ns.view = ns.node(ns.view)
+			ns.dirty = false
+		}
+		s.Nodes[i] = ns.view
+	}
+	var prevLayout *layout
+	var prevNodes []*Node
+	if p.published != nil {
+		prevLayout, prevNodes = p.published.layout.Load(), p.published.Nodes
+	}
+	s.layout.Store(nextLayout(prevLayout, prevNodes, s.Nodes))
+	p.published = s
 	p.snap.Store(s)
 	next := make(chan struct{})
 	old := p.changed.Swap(&next)
 	close(*old)
 }
 
-func (ns *nodeState) node() *Node {
+// node builds the published view of ns. prev is the view published before
+// (nil if none): its Model entries, and its Models slice, are reused where
+// they are identical to what would be built, so that an unchanged listing
+// costs no allocation and the snapshot shares it.
+func (ns *nodeState) node(prev *Node) *Node {
 	n := &Node{
 		Name:                ns.cfg.Name,
 		Cluster:             ns.cfg.Cluster,
@@ -815,23 +852,104 @@ func (ns *nodeState) node() *Node {
 		Health:              ns.health,
 		HealthAt:            ns.healthAt,
 		ModelsAt:            ns.modelsAt,
-		Models:              make([]*Model, 0, len(ns.models)),
 	}
-	var busy map[string]neuron.ModelHealth
-	if ns.health != nil {
-		busy = make(map[string]neuron.ModelHealth, len(ns.health.Models))
-		for _, mh := range ns.health.Models {
-			busy[mh.ID] = mh
+	var was []*Model
+	if prev != nil {
+		was = prev.Models
+	}
+	q := newQueues(ns.health)
+	// reuse returns prev's entry for m when it is what would be built.
+	reuse := func(i int, m *neuron.Model) *Model {
+		if i >= len(was) || was[i].ID != m.ID {
+			return nil
 		}
+		w := was[i]
+		mh := q.of(m.ID)
+		if w.InFlight != mh.InFlight || w.QueueDepth != mh.QueueDepth || w.Endpoint != ns.endpoints[m.ID] || !sameModel(&w.Model, m) {
+			return nil
+		}
+		return w
 	}
-	for _, m := range ns.models {
-		mh := busy[m.ID]
-		n.Models = append(n.Models, &Model{
-			Model:      m,
-			InFlight:   mh.InFlight,
-			QueueDepth: mh.QueueDepth,
-			Endpoint:   ns.endpoints[m.ID],
-		})
+	// Models are sorted by ID on both sides, so an unchanged listing
+	// matches position for position.
+	same := prev != nil && len(was) == len(ns.models)
+	for i := 0; same && i < len(ns.models); i++ {
+		same = reuse(i, &ns.models[i]) != nil
+	}
+	if same {
+		n.Models = was
+		return n
+	}
+	n.Models = make([]*Model, len(ns.models))
+	j := 0
+	for i := range ns.models {
+		m := &ns.models[i]
+		for j < len(was) && was[j].ID < m.ID {
+			j++
+		}
+		if w := reuse(j, m); w != nil {
+			n.Models[i] = w
+			continue
+		}
+		mh := q.of(m.ID)
+		n.Models[i] = &Model{Model: *m, InFlight: mh.InFlight, QueueDepth: mh.QueueDepth, Endpoint: ns.endpoints[m.ID]}
 	}
 	return n
+}
+
+// queues looks up a model's live queue in a /health reading. A neuron
+// reports a few models, so a linear scan beats building a map for each
+// reading; a long list gets the map.
+type queues struct {
+	list []neuron.ModelHealth
+	byID map[string]neuron.ModelHealth
+}
+
+func newQueues(h *neuron.Health) queues {
+	if h == nil {
+		return queues{}
+	}
+	if len(h.Models) <= 16 {
+		return queues{list: h.Models}
+	}
+	q := queues{byID: make(map[string]neuron.ModelHealth, len(h.Models))}
+	for _, mh := range h.Models {
+		q.byID[mh.ID] = mh
+	}
+	return q
+}
+
+// of returns id's queue; of duplicate ids, the last listed counts.
+func (q queues) of(id string) neuron.ModelHealth {
+	if q.byID != nil {
+		return q.byID[id]
+	}
+	for i := len(q.list) - 1; i >= 0; i-- {
+		if q.list[i].ID == id {
+			return q.list[i]
+		}
+	}
+	return neuron.ModelHealth{}
+}
+
+// sameModel reports whether two /models entries are identical, pointed-to
+// values compared, nil and empty slices told apart (they marshal
+// differently in /debug/fleet). TestSameModelSeesEveryField fails when
+// neuron.Model gains a field this does not compare.
+func sameModel(a, b *neuron.Model) bool {
+	return a.ID == b.ID && a.Harness == b.Harness && a.Status == b.Status &&
+		sameSlice(a.Devices, b.Devices) && samePtr(a.VRAMUsedMB, b.VRAMUsedMB) &&
+		sameSlice(a.Capabilities, b.Capabilities) && samePtr(a.ToolCall, b.ToolCall) &&
+		samePtr(a.Reasoning, b.Reasoning) && samePtr(a.Limit, b.Limit) && samePtr(a.Servable, b.Servable)
+}
+
+func sameSlice[E comparable](a, b []E) bool {
+	return (a == nil) == (b == nil) && slices.Equal(a, b)
+}
+
+func samePtr[T comparable](a, b *T) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return *a == *b
 }

@@ -3,6 +3,7 @@
 package fleet
 
 import (
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -10,7 +11,9 @@ import (
 )
 
 // Snapshot is the whole fleet at one instant. Never mutated after it is
-// published: a request reads one snapshot from start to end.
+// published: a request reads one snapshot from start to end. Consecutive
+// snapshots from the Poller share what did not change: a node nothing
+// happened to keeps its *Node, and an unchanged model entry its *Model.
 type Snapshot struct {
 	// Nodes sorted by Name.
 	Nodes []*Node
@@ -19,10 +22,14 @@ type Snapshot struct {
 	// Taken is when this snapshot was published.
 	Taken time.Time
 
-	// index maps a model id to where it is listed, built on first use: a
-	// decision then looks at the few nodes that list the model instead of
-	// every model of every node.
-	index atomic.Pointer[map[string][]Location]
+	// layout and locations are the model index (index.go): a decision
+	// looks at the few nodes that list its model instead of every model of
+	// every node. The poller sets layout at publish, derived from the
+	// previous snapshot's; a snapshot built elsewhere gets one on first
+	// use. locations holds this snapshot's Location lists (model id ->
+	// *[]Location), each made on its model's first lookup.
+	layout    atomic.Pointer[layout]
+	locations sync.Map
 }
 
 // Location is one node's listing of a model.
@@ -37,18 +44,27 @@ func (s *Snapshot) Locations(model string) []Location {
 	if s == nil {
 		return nil
 	}
-	idx := s.index.Load()
-	if idx == nil {
-		m := make(map[string][]Location)
-		for _, n := range s.Nodes {
-			for _, fm := range n.Models {
-				m[fm.ID] = append(m[fm.ID], Location{Node: n, Model: fm})
-			}
-		}
-		s.index.CompareAndSwap(nil, &m)
-		idx = s.index.Load()
+	if v, ok := s.locations.Load(model); ok {
+		return *v.(*[]Location)
 	}
-	return (*idx)[model]
+	l := s.layout.Load()
+	if l == nil {
+		s.layout.CompareAndSwap(nil, buildLayout(s.Nodes))
+		l = s.layout.Load()
+	}
+	refs := l.refs(model)
+	if len(refs) == 0 {
+		// Not kept: a client naming models nobody lists must not grow the
+		// snapshot.
+		return nil
+	}
+	locs := make([]Location, len(refs))
+	for i, r := range refs {
+		n := s.Nodes[r.node]
+		locs[i] = Location{Node: n, Model: n.Models[r.model]}
+	}
+	v, _ := s.locations.LoadOrStore(model, &locs)
+	return *v.(*[]Location)
 }
 
 // Node returns the node with that name, or nil.
