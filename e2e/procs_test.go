@@ -335,6 +335,7 @@ func cortexConfig(catalogue string, sims map[string]*sim, extra string) string {
 listen = "127.0.0.1:0"
 max_message_timeout = "1h"
 drain_timeout = "10s"
+shutdown_delay = "0s"   # envoyLite does not health-check cortex-extproc
 
 [admin]
 listen = "127.0.0.1:0"

@@ -187,6 +187,7 @@ func fxConfig(t testing.TB, catalogue string, neurons ...*fxNeuron) config.Confi
 	}
 	cfg.ExtProc.Listen = "127.0.0.1:0"
 	cfg.Admin.Listen = "127.0.0.1:0"
+	cfg.ExtProc.ShutdownDelay = 0 // no Envoy health-checks these; the shutdown tests set their own
 	cfg.ExtProc.DrainTimeout = 5 * time.Second
 	cfg.Poll.Interval = 50 * time.Millisecond
 	cfg.Poll.Timeout = 300 * time.Millisecond
@@ -1129,8 +1130,9 @@ func TestFault5000ConcurrentStreams(t *testing.T) {
 // cancelled) while 500 requests are held for a cold load: readiness goes
 // NOT_SERVING before anything else, every held request is answered within
 // the drain timeout (routed if the load finishes, else a 503 with
-// Retry-After rather than a cut stream, which Envoy would turn into a bare
-// 500), and Run returns nil.
+// Retry-After saying the service is shutting down rather than a cut stream,
+// which Envoy would turn into a bare 500; the streams are closed only once
+// every one has its answer), and Run returns nil.
 func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 	for _, loadFinishes := range []bool{true, false} {
 		name := map[bool]string{true: "load finishes during the drain", false: "load outlasts the drain"}[loadFinishes]
@@ -1199,8 +1201,8 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 				case r := <-replies:
 					if loadFinishes {
 						fxWantRouted(t, r, "a", "Org/Cold")
-					} else if r.Status != 503 || r.RetryAfter == "" {
-						t.Fatalf("held request: %s, want 503 with Retry-After", r)
+					} else if r.Status != 503 || r.RetryAfter == "" || !strings.Contains(r.Message, "shutting down") {
+						t.Fatalf("held request: %s, want 503 with Retry-After saying cortex-extproc is shutting down", r)
 					}
 				case err := <-errs:
 					t.Fatalf("held request cut off instead of answered: %v", err)
@@ -1210,6 +1212,9 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 			}
 			if err := h.wait(30 * time.Second); err != nil {
 				t.Fatal(err)
+			}
+			if strings.Contains(h.logs.String(), "still unanswered") {
+				t.Error("the drain closed streams before every held request had its answer")
 			}
 			if loadFinishes && time.Since(drainStart) > cfg.ExtProc.DrainTimeout {
 				t.Errorf("drain took %s with every stream finished; it should not wait out drain_timeout", time.Since(drainStart))

@@ -92,7 +92,7 @@ type reloadOpts struct {
 func configText(neurons [][2]string, extra string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "models_config = %q\n%s\n", "models.toml", extra)
-	b.WriteString("[extproc]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+	b.WriteString("[extproc]\nlisten = \"127.0.0.1:0\"\nshutdown_delay = \"0s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n")
 	for _, n := range neurons {
 		fmt.Fprintf(&b, "[[neurons]]\nname = %q\nendpoint = %q\n", n[0], n[1])
 	}

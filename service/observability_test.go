@@ -177,6 +177,7 @@ func obStart(t *testing.T, neurons ...*obNeuron) *obService {
 		t.Fatal(err)
 	}
 	cfg.ExtProc.Listen, cfg.Admin.Listen = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.ExtProc.ShutdownDelay = 0 // no Envoy health-checks it
 	cfg.ExtProc.DrainTimeout = 5 * time.Second
 	cfg.Poll.Interval, cfg.Poll.Timeout, cfg.Poll.FailureThreshold = 50*time.Millisecond, 2*time.Second, 2
 	cfg.ColdLoad.Timeout = 20 * time.Second

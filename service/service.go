@@ -63,6 +63,10 @@ type Service struct {
 	isReady  bool
 	draining bool
 
+	holds     *holds        // requests held for cold loads, until Envoy has their answer
+	skipDelay chan struct{} // closed by SkipShutdownDelay
+	skipOnce  sync.Once
+
 	grpcLis  net.Listener
 	adminLis net.Listener
 }
@@ -71,7 +75,8 @@ type Service struct {
 // an error here: there is no previous good one to keep) and binds both
 // listeners, so a port clash fails fast.
 func New(cfg config.Config, log *slog.Logger) (*Service, error) {
-	s := &Service{cfg: cfg, log: log, metrics: metrics.New(), ready: make(chan struct{})}
+	s := &Service{cfg: cfg, log: log, metrics: metrics.New(), ready: make(chan struct{}),
+		holds: newHolds(), skipDelay: make(chan struct{})}
 
 	cat := catalogue.Empty()
 	if cfg.ModelsConfig != "" {
@@ -143,7 +148,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	if cfg.Upstream.Mode == config.ModeOriginalDst {
 		upstream = extproc.NewOriginalDst(nil)
 	}
-	ep := extproc.New(s.router, extproc.Options{
+	ep := extproc.New(s.holds.router(s.router), extproc.Options{
 		MaxRequestBytes:   cfg.ExtProc.MaxRequestBytes,
 		ColdLoadTimeout:   cfg.ColdLoad.Timeout,
 		MaxMessageTimeout: cfg.ExtProc.MaxMessageTimeout,
@@ -157,6 +162,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	opts = append(opts, grpc.ChainStreamInterceptor(s.holds.intercept))
 	s.grpc = extproc.NewGRPCServer(ep, opts...)
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
@@ -196,8 +202,16 @@ func (s *Service) neuron(name string) neuron.API {
 	return nil
 }
 
-// Run serves until ctx is done, then drains: readiness goes NOT_SERVING,
-// in-flight streams get drain_timeout to finish, then the listeners close.
+// SkipShutdownDelay ends the shutdown delay at once (or skips it, if the
+// shutdown has not begun): the drain starts without waiting for Envoy's
+// health checks. cortex-extproc calls it on a second SIGTERM or Ctrl-C.
+func (s *Service) SkipShutdownDelay() { s.skipOnce.Do(func() { close(s.skipDelay) }) }
+
+// Run serves until ctx is done, then shuts down: readiness goes
+// NOT_SERVING while new streams are still served for shutdown_delay; then
+// the listener closes and open streams get drain_timeout to finish; then
+// cold loads still running are cancelled, and once every request held for
+// one has its 503 the remaining streams are closed.
 func (s *Service) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -251,6 +265,7 @@ func (s *Service) Run(ctx context.Context) error {
 	case <-ctx.Done():
 	case runErr = <-errc:
 		s.log.Error("listener failed", "error", runErr)
+		s.SkipShutdownDelay() // nothing more can be served
 	}
 	s.drain()
 	cancel()
@@ -281,15 +296,44 @@ func (s *Service) setReady(ready bool) {
 	s.health.SetServingStatus(HealthExtProc, st)
 }
 
-// drain turns readiness off first so Envoy and Kubernetes stop sending new
-// requests, lets open streams finish within drain_timeout, then stops.
+const (
+	// answerHeldTimeout bounds, after the loads are cancelled, the wait for
+	// every request held for one to have its 503: normally milliseconds,
+	// even for thousands of them.
+	answerHeldTimeout = 10 * time.Second
+	// adminShutdownTimeout bounds the admin listener's graceful close.
+	adminShutdownTimeout = 5 * time.Second
+
+	// ShutdownOverhead is the most Run takes to return once its context
+	// ends, beyond extproc.shutdown_delay + extproc.drain_timeout. A
+	// supervisor must allow at least that sum before it kills the process
+	// (terminationGracePeriodSeconds, TimeoutStopSec, stop_grace_period).
+	ShutdownOverhead = answerHeldTimeout + adminShutdownTimeout
+)
+
+// drain turns readiness off first and keeps serving new streams for
+// shutdown_delay, so that Envoy's health checks take this instance out
+// before its listener closes; then it lets open streams finish within
+// drain_timeout; then it cancels the cold loads still running and closes
+// the remaining streams once every request held for a load has its 503.
 func (s *Service) drain() {
 	s.readyMu.Lock()
 	s.draining = true
 	s.readyMu.Unlock()
 	s.health.SetServingStatus(HealthReadiness, healthpb.HealthCheckResponse_NOT_SERVING)
 	s.health.SetServingStatus(HealthExtProc, healthpb.HealthCheckResponse_NOT_SERVING)
-	s.log.Info("draining: readiness NOT_SERVING, waiting for open ext_proc streams", "timeout", s.cfg.ExtProc.DrainTimeout)
+
+	if d := s.cfg.ExtProc.ShutdownDelay; d > 0 {
+		s.log.Info("shutting down: readiness NOT_SERVING; new ext_proc streams are still served until Envoy's health checks take this instance out (signal again to skip)",
+			"shutdown_delay", d)
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-s.skipDelay:
+			t.Stop()
+		}
+	}
+	s.log.Info("draining: closing the ext_proc listener; open streams get drain_timeout", "drain_timeout", s.cfg.ExtProc.DrainTimeout)
 
 	done := make(chan struct{})
 	if s.xds != nil {
@@ -298,25 +342,30 @@ func (s *Service) drain() {
 		s.xds.Stop()
 	}
 	go func() { s.grpc.GracefulStop(); close(done) }()
+	drainTimer := time.NewTimer(s.cfg.ExtProc.DrainTimeout)
 	select {
 	case <-done:
-	case <-time.After(s.cfg.ExtProc.DrainTimeout):
+		drainTimer.Stop()
+	case <-drainTimer.C:
 		// Requests still held for a cold load get our 503 with Retry-After
-		// rather than a cut stream (Envoy's bare 500): cancel the loads and
-		// give those replies a moment before closing what is left.
-		s.log.Warn("drain timeout: cancelling cold loads, then closing remaining ext_proc streams")
+		// rather than a cut stream (Envoy's bare 500): cancel the loads,
+		// then close what is left once each of them has its answer.
+		s.log.Warn("drain timeout: cancelling cold loads; the requests they hold get 503 with Retry-After, then the remaining ext_proc streams are closed",
+			"held", s.holds.count())
 		cctx, ccancel := context.WithCancel(context.Background())
 		ccancel()
-		s.loader.Close(cctx)
-		select {
-		case <-done:
-		case <-time.After(time.Second):
-			s.grpc.Stop()
-			<-done
+		s.loader.Close(cctx) // returns once every load has ended and released its waiters
+		actx, acancel := context.WithTimeout(context.Background(), answerHeldTimeout)
+		if n := s.holds.waitHeldAnswered(actx, done); n > 0 {
+			s.log.Error("held requests still unanswered; closing their streams (Envoy answers them 500)",
+				"held", n, "waited", answerHeldTimeout)
 		}
+		acancel()
+		s.grpc.Stop()
+		<-done
 	}
 	s.health.Shutdown()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), adminShutdownTimeout)
 	defer cancel()
 	_ = s.admin.Shutdown(ctx)
 }

@@ -28,6 +28,7 @@ func TestServiceServesClustersOnExtProcPort(t *testing.T) {
 	cfg.ExtProc.Listen = "127.0.0.1:0"
 	cfg.Admin.Listen = "127.0.0.1:0"
 	cfg.ExtProc.DrainTimeout = time.Hour // a drain waiting on the ADS stream would hang
+	cfg.ExtProc.ShutdownDelay = 0        // no Envoy health-checks it
 	cfg.XDS.Enabled = true
 	cfg.Neurons = []config.Neuron{
 		{Name: "beast", Endpoint: "http://127.0.0.1:1"},

@@ -10,11 +10,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/signal"
 	"runtime"
 	"runtime/debug"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -147,9 +145,7 @@ func serve(ctx context.Context, cfgFile string) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
-	defer stop()
-	return svc.Run(ctx)
+	return runUntilSignalled(ctx, svc)
 }
 
 // newLogger is JSON when stderr is not a terminal (containers, journald),
