@@ -1,7 +1,8 @@
 // Package metrics holds cortex-extproc's Prometheus metrics (contract.md,
-// prefix cortex_extproc_). Label values are bounded: model labels are only
-// catalogue ids and aliases (anything else is "other"), node labels only
-// configured neuron names.
+// prefix cortex_extproc_) and the per-request log line. Label values are
+// bounded: model labels are only catalogue ids and aliases (anything else
+// is "other"), node labels only configured neuron names, reasons only
+// apierr's constants.
 package metrics
 
 import (
@@ -41,7 +42,9 @@ var (
 type Metrics struct {
 	Registry *prometheus.Registry
 
-	Requests          *prometheus.CounterVec   // model, node, outcome
+	Requests          *prometheus.CounterVec   // model, requested, node, outcome
+	Errors            *prometheus.CounterVec   // model, requested, node, status, code, reason
+	LogLinesDropped   *prometheus.CounterVec   // reason
 	Decision          prometheus.Histogram     // seconds, body received → reply ready, no waits
 	ColdLoads         *prometheus.CounterVec   // model, node, result
 	ColdLoadSeconds   *prometheus.HistogramVec // model
@@ -57,6 +60,8 @@ type Metrics struct {
 
 	catalogue atomic.Pointer[catalogue.Catalogue]
 	log       atomic.Pointer[slog.Logger] // nil: Decided logs nothing
+	limiter   *logLimiter
+	fleet     *fleetCollector
 }
 
 // New registers every metric, plus the Go and process collectors.
@@ -65,8 +70,14 @@ func New() *Metrics {
 	m := &Metrics{
 		Registry: r,
 		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "requests_total",
-			Help: "Requests decided, by concrete model, node and outcome (routed, cold_start, or the error code)."},
-			[]string{"model", "node", "outcome"}),
+			Help: "Requests decided, by concrete model, requested name (alias or id), node and outcome (routed, cold_start, or the error code)."},
+			[]string{"model", "requested", "node", "outcome"}),
+		Errors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "request_errors_total",
+			Help: "Requests answered with an error, by concrete model, requested name, node, HTTP status, error code and reason (why; \"unclassified\" is a bug)."},
+			[]string{"model", "requested", "node", "status", "code", "reason"}),
+		LogLinesDropped: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "log_lines_dropped_total",
+			Help: "Per-request log lines not written because their reason exceeded its rate (an error reason, or cold_start)."},
+			[]string{"reason"}),
 		Decision: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "request_decision_seconds",
 			Help: "Time from request body received to reply ready, excluding waits for cold loads.", Buckets: decisionBuckets}),
 		ColdLoads: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "cold_loads_total",
@@ -92,9 +103,11 @@ func New() *Metrics {
 		InflightStreams: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "inflight_streams",
 			Help: "ext_proc streams open now (requests being decided or held)."}),
 	}
-	r.MustRegister(m.Requests, m.Decision, m.ColdLoads, m.ColdLoadSeconds, m.ColdLoadWait, m.ColdLoadWaiters,
+	m.limiter = newLogLimiter(logBurst, logEvery, time.Now)
+	m.fleet = &fleetCollector{label: m.ModelLabel}
+	r.MustRegister(m.Requests, m.Errors, m.LogLinesDropped, m.Decision, m.ColdLoads, m.ColdLoadSeconds, m.ColdLoadWait, m.ColdLoadWaiters,
 		m.Evictions, m.NeuronHealthy, m.NeuronPollFailure, m.CatalogueReloads, m.CatalogueModels, m.CatalogueInfo,
-		m.InflightStreams,
+		m.InflightStreams, buildInfo(), m.fleet,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Both results exist from the start, so a dashboard's rate() of errors
 	// shows 0 rather than "no data" until the first failed reload.
@@ -107,7 +120,11 @@ func New() *Metrics {
 // SetLogger makes Decided write one log line per decided request: at debug
 // for a plain routing, at info for a cold start or an error. Keys:
 // request_id, model (as requested), resolved, node, cold_start,
-// decision_ms, and for errors status, code, error.
+// decision_ms, and for errors status, code, reason, error. The info lines
+// are rate-limited per reason (logBurst at once, then one per logEvery):
+// a flood of bad requests cannot flood the log. Lines not written are
+// counted in log_lines_dropped_total, and the next line written for that
+// reason says how many in "suppressed".
 func (m *Metrics) SetLogger(l *slog.Logger) { m.log.Store(l) }
 
 // SetCatalogue records the catalogue in force: it bounds model labels and
@@ -119,7 +136,8 @@ func (m *Metrics) SetCatalogue(c *catalogue.Catalogue, generation uint64) {
 	m.CatalogueInfo.WithLabelValues(c.Hash, strconv.FormatUint(generation, 10)).Set(1)
 }
 
-// ModelLabel bounds a model label to catalogue ids and aliases.
+// ModelLabel bounds a model label (the concrete id, or the name a client
+// requested) to catalogue ids and aliases.
 func (m *Metrics) ModelLabel(id string) string {
 	c := m.catalogue.Load()
 	if c.Profile(id) != nil || c.IsAlias(id) {
@@ -137,19 +155,41 @@ func (m *Metrics) StreamEnded() { m.InflightStreams.Dec() }
 // Decided implements extproc.Observer.
 func (m *Metrics) Decided(requestID string, t *routing.Target, err *apierr.Error, d time.Duration) {
 	m.Decision.Observe(d.Seconds())
-	model, node := "", ""
+	model, requested, node := "", "", ""
 	if t != nil {
-		model, node = t.Model, t.Node
+		model, requested, node = t.Model, t.Requested, t.Node
 	}
+	if requested == "" {
+		requested = model
+	}
+	modelLabel, requestedLabel := m.ModelLabel(model), m.ModelLabel(requested)
 	outcome := OutcomeRouted
 	switch {
 	case err != nil:
 		outcome = err.Code
+		m.Errors.WithLabelValues(modelLabel, requestedLabel, node, statusLabel(err.Status), err.Code, string(err.Classified())).Inc()
 	case t != nil && t.ColdStart:
 		outcome = OutcomeColdStart
 	}
-	m.Requests.WithLabelValues(m.ModelLabel(model), node, outcome).Inc()
+	m.Requests.WithLabelValues(modelLabel, requestedLabel, node, outcome).Inc()
 	m.logDecision(requestID, t, err, d)
+}
+
+// statusLabel avoids strconv's allocation for the statuses we answer.
+func statusLabel(status int) string {
+	switch status {
+	case 400:
+		return "400"
+	case 404:
+		return "404"
+	case 413:
+		return "413"
+	case 500:
+		return "500"
+	case 503:
+		return "503"
+	}
+	return strconv.Itoa(status)
 }
 
 func (m *Metrics) logDecision(requestID string, t *routing.Target, err *apierr.Error, d time.Duration) {
@@ -157,12 +197,12 @@ func (m *Metrics) logDecision(requestID string, t *routing.Target, err *apierr.E
 	if log == nil {
 		return
 	}
-	level, msg := slog.LevelDebug, "routed"
+	level, msg, limitKey := slog.LevelDebug, "routed", ""
 	switch {
 	case err != nil:
-		level, msg = slog.LevelInfo, "request rejected"
+		level, msg, limitKey = slog.LevelInfo, "request rejected", string(err.Classified())
 	case t != nil && t.ColdStart:
-		level, msg = slog.LevelInfo, "routed after a cold start"
+		level, msg, limitKey = slog.LevelInfo, "routed after a cold start", ReasonColdStart
 	}
 	// Checked first so a routed request at the default info level costs
 	// no attribute building.
@@ -170,14 +210,22 @@ func (m *Metrics) logDecision(requestID string, t *routing.Target, err *apierr.E
 	if !log.Enabled(ctx, level) {
 		return
 	}
+	var suppressed int64
+	if limitKey != "" {
+		var ok bool
+		if ok, suppressed = m.limiter.allow(limitKey); !ok {
+			m.LogLinesDropped.WithLabelValues(limitKey).Inc()
+			return
+		}
+	}
 	var requested, resolved, node string
 	coldStart := false
 	if t != nil {
 		requested, resolved, node, coldStart = t.Requested, t.Model, t.Node, t.ColdStart
 	}
-	attrs := make([]slog.Attr, 0, 9)
+	attrs := make([]slog.Attr, 0, 11)
 	attrs = append(attrs,
-		slog.String("request_id", requestID),
+		slog.String("request_id", BoundLogValue(requestID)),
 		slog.String("model", requested),
 		slog.String("resolved", resolved),
 		slog.String("node", node),
@@ -185,7 +233,11 @@ func (m *Metrics) logDecision(requestID string, t *routing.Target, err *apierr.E
 		slog.Float64("decision_ms", float64(d.Microseconds())/1000),
 	)
 	if err != nil {
-		attrs = append(attrs, slog.Int("status", err.Status), slog.String("code", err.Code), slog.String("error", err.Message))
+		attrs = append(attrs, slog.Int("status", err.Status), slog.String("code", err.Code),
+			slog.String("reason", string(err.Classified())), slog.String("error", err.Message))
+	}
+	if suppressed > 0 {
+		attrs = append(attrs, slog.Int64("suppressed", suppressed))
 	}
 	log.LogAttrs(ctx, level, msg, attrs...)
 }

@@ -24,7 +24,7 @@ func testCatalogue() *catalogue.Catalogue {
 
 // contractMetrics are the metrics contract.md and the README promise.
 var contractMetrics = []string{
-	"requests_total", "request_decision_seconds", "cold_loads_total", "cold_load_seconds",
+	"requests_total", "request_errors_total", "build_info", "request_decision_seconds", "cold_loads_total", "cold_load_seconds",
 	"cold_load_wait_seconds", "cold_load_waiters", "evictions_total", "neuron_healthy",
 	"neuron_poll_failures_total", "catalogue_reloads_total", "catalogue_models", "catalogue_info",
 	"inflight_streams",
@@ -35,6 +35,7 @@ func TestEveryContractMetricIsExposed(t *testing.T) {
 	m.SetCatalogue(testCatalogue(), 1)
 	// Vectors appear once they have a series; give each one.
 	m.Decided("r", &routing.Target{Model: "Qwen/Qwen3-8B", Node: "beast"}, nil, time.Millisecond)
+	m.Decided("e", nil, apierr.InvalidRequest("x"), time.Millisecond)
 	m.Waited("Qwen/Qwen3-8B", time.Second, nil)
 	m.LoadFinished("Qwen/Qwen3-8B", "beast", true, time.Minute)
 	m.Evicted("beast", "Qwen/Qwen3-8B")
@@ -85,7 +86,7 @@ func TestModelLabelsAreBounded(t *testing.T) {
 	if n := count(m.Requests); n != 1 {
 		t.Errorf("%d requests_total series after 50 unknown models, want 1 (other)", n)
 	}
-	if v := value(m.Requests.WithLabelValues(metrics.Other, "", apierr.CodeModelNotFound)); v != 50 {
+	if v := value(m.Requests.WithLabelValues(metrics.Other, metrics.Other, "", apierr.CodeModelNotFound)); v != 50 {
 		t.Errorf("requests_total{other,model_not_found} = %v, want 50", v)
 	}
 }
@@ -96,20 +97,29 @@ func TestDecidedOutcomes(t *testing.T) {
 	m.Decided("a", &routing.Target{Requested: "helexa/balanced", Model: "Qwen/Qwen3-8B", Node: "beast"}, nil, 100*time.Microsecond)
 	m.Decided("b", &routing.Target{Model: "Qwen/Qwen3-8B", Node: "beast", ColdStart: true}, nil, 200*time.Microsecond)
 	m.Decided("c", nil, apierr.InvalidRequest("not JSON"), 50*time.Microsecond)
-	m.Decided("d", &routing.Target{Model: "Qwen/Qwen3-8B"}, apierr.Unavailable(5, "no healthy node"), time.Millisecond)
+	m.Decided("d", &routing.Target{Model: "Qwen/Qwen3-8B"}, apierr.Unavailable(5, "no healthy node").WithReason(apierr.ReasonNoHealthy), time.Millisecond)
 
 	for _, c := range []struct {
-		model, node, outcome string
-		want                 float64
+		model, requested, node, outcome string
+		want                            float64
 	}{
-		{"Qwen/Qwen3-8B", "beast", metrics.OutcomeRouted, 1},
-		{"Qwen/Qwen3-8B", "beast", metrics.OutcomeColdStart, 1},
-		{metrics.Other, "", apierr.CodeInvalidRequest, 1},
-		{"Qwen/Qwen3-8B", "", apierr.CodeServiceUnavailable, 1},
+		{"Qwen/Qwen3-8B", "helexa/balanced", "beast", metrics.OutcomeRouted, 1},
+		{"Qwen/Qwen3-8B", "Qwen/Qwen3-8B", "beast", metrics.OutcomeColdStart, 1},
+		{metrics.Other, metrics.Other, "", apierr.CodeInvalidRequest, 1},
+		{"Qwen/Qwen3-8B", "Qwen/Qwen3-8B", "", apierr.CodeServiceUnavailable, 1},
 	} {
-		if got := value(m.Requests.WithLabelValues(c.model, c.node, c.outcome)); got != c.want {
-			t.Errorf("requests_total{%s,%s,%s} = %v, want %v", c.model, c.node, c.outcome, got, c.want)
+		if got := value(m.Requests.WithLabelValues(c.model, c.requested, c.node, c.outcome)); got != c.want {
+			t.Errorf("requests_total{%s,%s,%s,%s} = %v, want %v", c.model, c.requested, c.node, c.outcome, got, c.want)
 		}
+	}
+	if n := count(m.Errors); n != 2 {
+		t.Errorf("%d request_errors_total series, want 2 (the two errors)", n)
+	}
+	if v := value(m.Errors.WithLabelValues(metrics.Other, metrics.Other, "", "400", apierr.CodeInvalidRequest, "invalid_body")); v != 1 {
+		t.Errorf("request_errors_total{400,invalid_body} = %v, want 1", v)
+	}
+	if v := value(m.Errors.WithLabelValues("Qwen/Qwen3-8B", "Qwen/Qwen3-8B", "", "503", apierr.CodeServiceUnavailable, "no_healthy")); v != 1 {
+		t.Errorf("request_errors_total{503,no_healthy} = %v, want 1", v)
 	}
 	if n := histogramCount(t, m, "cortex_extproc_request_decision_seconds"); n != 4 {
 		t.Errorf("decision histogram count %d, want 4", n)

@@ -137,6 +137,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		Observer:     s.metrics,
 	})
 	s.router = routing.NewRouter(s.store.Load, s.poller.Snapshot, s.loader, usage)
+	s.metrics.WatchFleet(metrics.FleetSource{Snapshot: s.poller.Snapshot, Ledger: s.loader.Commitments, Usage: usage})
 	s.models = modellist.New(s.store.Load, s.poller.Snapshot)
 
 	var upstream extproc.Upstream = extproc.ClusterHeader{Name: cfg.Upstream.ClusterHeader}
