@@ -191,6 +191,9 @@ func FuzzProcessSequence(f *testing.F) {
 		MaxRequestBytes: 200,
 		ColdLoadTimeout: time.Millisecond, // "wait/hang" ends at once with our 503
 		Models:          modellist.New(func() *catalogue.Catalogue { return cat }, func() *fleet.Snapshot { return snap }),
+		// /v1/messages to rig2 is translated (its answers then go through
+		// the response-body path), to beast forwarded as is.
+		TranslateAnthropic: func(node string) bool { return node == "rig2" },
 	})
 
 	// Seeds: Envoy's real sequences, then the out-of-order ones.
