@@ -52,9 +52,11 @@ func (q *inferRequest) maxTokens() int {
 }
 
 // admit parses the request and waits for a serving slot on the model,
-// reloading it first if it is listed as unloaded. On success the caller
-// must call release when done; on failure admit has answered the client.
-func (s *Sim) admit(w http.ResponseWriter, r *http.Request, shape errShape) (*inferRequest, func(), bool) {
+// reloading it first if it is listed as unloaded. inspect, when given,
+// validates the body further and fills the request's record; its error is
+// a 400. On success the caller must call release when done; on failure
+// admit has answered the client.
+func (s *Sim) admit(w http.ResponseWriter, r *http.Request, shape errShape, inspect func(body []byte, rec *InferenceRecord) *requestError) (*inferRequest, func(), bool) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxInferenceBody))
 	req := &inferRequest{}
 	if err == nil {
@@ -68,8 +70,19 @@ func (s *Sim) admit(w http.ResponseWriter, r *http.Request, shape errShape) (*in
 	req.promptTokens = max(1, len(body)/4)
 	ctx := r.Context()
 
+	rec := InferenceRecord{Path: r.URL.Path, Model: req.Model, Stream: req.Stream, Header: r.Header.Clone()}
+	var invalid *requestError
+	if inspect != nil {
+		invalid = inspect(body, &rec)
+	}
+
 	s.mu.Lock()
-	s.requests = append(s.requests, InferenceRecord{Path: r.URL.Path, Model: req.Model, Stream: req.Stream, Header: r.Header.Clone()})
+	s.requests = append(s.requests, rec)
+	if invalid != nil {
+		s.mu.Unlock()
+		writeRequestError(w, invalid)
+		return nil, nil, false
+	}
 	m := s.models[req.Model]
 	if m == nil || m.status == statusLoading {
 		held := make([]string, 0, len(s.models))
@@ -155,6 +168,16 @@ func (s *Sim) admit(w http.ResponseWriter, r *http.Request, shape errShape) (*in
 	return req, release, true
 }
 
+// writeRequestError answers 400 invalid_request_error naming the param.
+func writeRequestError(w http.ResponseWriter, e *requestError) {
+	var param any
+	if e.param != "" {
+		param = e.param
+	}
+	writeJSON(w, http.StatusBadRequest, map[string]any{"error": map[string]any{
+		"message": e.msg, "type": "invalid_request_error", "code": "invalid_request", "param": param}})
+}
+
 func writeInferenceError(w http.ResponseWriter, shape errShape, status int, typ, code, msg string) {
 	if shape == anthropicShape {
 		at := map[int]string{400: "invalid_request_error", 404: "not_found_error", 503: "overloaded_error"}[status]
@@ -167,9 +190,20 @@ func writeInferenceError(w http.ResponseWriter, shape errShape, status int, typ,
 	writeJSON(w, status, map[string]any{"error": map[string]any{"message": msg, "type": typ, "code": code, "param": nil}})
 }
 
-// reply is the generated answer: tokens of "Hello from <name> serving <model>".
+// greeting is the generated answer: "Hello from <name> serving <model>".
+func (s *Sim) greeting(model string) string {
+	return fmt.Sprintf("Hello from %s serving %s", s.opts.Name, model)
+}
+
+// reply is the greeting in tokens.
 func (s *Sim) reply(model string, maxTokens int) (toks []string, finish string) {
-	words := strings.Fields(fmt.Sprintf("Hello from %s serving %s", s.opts.Name, model))
+	return tokens(s.greeting(model), maxTokens)
+}
+
+// tokens splits text into word tokens, cut at maxTokens (> 0) with finish
+// reason "length".
+func tokens(text string, maxTokens int) (toks []string, finish string) {
+	words := strings.Fields(text)
 	for i, w := range words {
 		if i > 0 {
 			w = " " + w
@@ -208,11 +242,15 @@ func (s *Sim) generate(ctx context.Context, n int) bool {
 }
 
 func (s *Sim) nextID(prefix string) string {
+	return fmt.Sprintf("%s-%s-%d", prefix, s.opts.Name, s.next())
+}
+
+// next is the sim's next sequence number (ids of answers and tool calls).
+func (s *Sim) next() uint64 {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.seq++
-	n := s.seq
-	s.mu.Unlock()
-	return fmt.Sprintf("%s-%s-%d", prefix, s.opts.Name, n)
+	return s.seq
 }
 
 // sseWriter writes Server-Sent Events and flushes each one.
@@ -253,14 +291,24 @@ func usage(prompt, completion int) map[string]int {
 }
 
 func (s *Sim) handleChat(w http.ResponseWriter, r *http.Request) {
-	req, release, ok := s.admit(w, r, openAIShape)
+	var turn *chatTurn
+	req, release, ok := s.admit(w, r, openAIShape, func(body []byte, rec *InferenceRecord) *requestError {
+		t, err := parseChat(body)
+		turn, rec.Images, rec.Tools = t, t.images, len(t.tools)
+		return err
+	})
 	if !ok {
 		return
 	}
 	defer release()
 	ctx := r.Context()
-	toks, finish := s.reply(req.Model, req.maxTokens())
-	id, created := s.nextID("chatcmpl"), time.Now().Unix()
+	n := s.next()
+	id, created := fmt.Sprintf("chatcmpl-%s-%d", s.opts.Name, n), time.Now().Unix()
+	if tool := turn.call(); tool != nil {
+		s.answerToolCall(w, r, req, tool, id, fmt.Sprintf("call_%d", n), created)
+		return
+	}
+	toks, finish := tokens(turn.answerText(s.greeting(req.Model)), req.maxTokens())
 	if !req.Stream {
 		if !s.generate(ctx, len(toks)) {
 			return
@@ -305,8 +353,67 @@ func (s *Sim) handleChat(w http.ResponseWriter, r *http.Request) {
 	ev.raw("", "[DONE]")
 }
 
+// answerToolCall answers a chat request with one call of tool, as an
+// OpenAI-compatible server does: content null, finish_reason "tool_calls";
+// streamed, a first chunk with the call's id, type and name (arguments
+// ""), then the arguments in fragments, then the finish chunk.
+func (s *Sim) answerToolCall(w http.ResponseWriter, r *http.Request, req *inferRequest, tool *chatTool, id, callID string, created int64) {
+	ctx := r.Context()
+	args := toolArguments(tool)
+	frags := fragments(args)
+	completion := len(frags) + 1 // the name, then the fragments
+	if !req.Stream {
+		if !s.generate(ctx, completion) {
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{
+			"id": id, "object": "chat.completion", "created": created, "model": req.Model,
+			"choices": []any{map[string]any{
+				"index": 0,
+				"message": map[string]any{"role": "assistant", "content": nil, "tool_calls": []any{map[string]any{
+					"id": callID, "type": "function", "function": map[string]any{"name": tool.name, "arguments": args},
+				}}},
+				"finish_reason": "tool_calls",
+			}},
+			"usage": usage(req.promptTokens, completion),
+		})
+		return
+	}
+	ev := newSSE(w)
+	chunk := func(delta map[string]any, finish any) map[string]any {
+		return map[string]any{
+			"id": id, "object": "chat.completion.chunk", "created": created, "model": req.Model,
+			"choices": []any{map[string]any{"index": 0, "delta": delta, "finish_reason": finish}},
+		}
+	}
+	head := map[string]any{"role": "assistant", "content": nil, "tool_calls": []any{map[string]any{
+		"index": 0, "id": callID, "type": "function", "function": map[string]any{"name": tool.name, "arguments": ""},
+	}}}
+	if !s.pause(ctx) || !ev.send("", chunk(head, nil)) {
+		return
+	}
+	for _, f := range frags {
+		delta := map[string]any{"tool_calls": []any{map[string]any{"index": 0, "function": map[string]any{"arguments": f}}}}
+		if !s.pause(ctx) || !ev.send("", chunk(delta, nil)) {
+			return
+		}
+	}
+	if !ev.send("", chunk(map[string]any{}, "tool_calls")) {
+		return
+	}
+	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
+		if !ev.send("", map[string]any{
+			"id": id, "object": "chat.completion.chunk", "created": created, "model": req.Model,
+			"choices": []any{}, "usage": usage(req.promptTokens, completion),
+		}) {
+			return
+		}
+	}
+	ev.raw("", "[DONE]")
+}
+
 func (s *Sim) handleCompletions(w http.ResponseWriter, r *http.Request) {
-	req, release, ok := s.admit(w, r, openAIShape)
+	req, release, ok := s.admit(w, r, openAIShape, nil)
 	if !ok {
 		return
 	}
@@ -338,11 +445,18 @@ func (s *Sim) handleCompletions(w http.ResponseWriter, r *http.Request) {
 	if !ev.send("", body("", finish)) {
 		return
 	}
+	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
+		u := body("", nil)
+		u["choices"], u["usage"] = []any{}, usage(req.promptTokens, len(toks))
+		if !ev.send("", u) {
+			return
+		}
+	}
 	ev.raw("", "[DONE]")
 }
 
 func (s *Sim) handleEmbeddings(w http.ResponseWriter, r *http.Request) {
-	req, release, ok := s.admit(w, r, openAIShape)
+	req, release, ok := s.admit(w, r, openAIShape, nil)
 	if !ok {
 		return
 	}
@@ -412,7 +526,7 @@ func embed(text string, dims int) []float64 {
 }
 
 func (s *Sim) handleMessages(w http.ResponseWriter, r *http.Request) {
-	req, release, ok := s.admit(w, r, anthropicShape)
+	req, release, ok := s.admit(w, r, anthropicShape, nil)
 	if !ok {
 		return
 	}

@@ -83,7 +83,7 @@ func TestChatStreamIsSSEEndingWithDone(t *testing.T) {
 }
 
 func TestNonStreamingShapes(t *testing.T) {
-	_, srv := startSim(t, Options{Name: "rig2", Models: []ModelSpec{{ID: model8B, VRAMMB: 17800}}})
+	_, srv := startSim(t, Options{Name: "rig2", Models: []ModelSpec{{ID: model8B, VRAMMB: 17800}}, AnthropicNative: true})
 	greeting := "Hello from rig2 serving " + model8B
 
 	r := do(t, srv, http.MethodPost, "/v1/chat/completions", chatBody(model8B, false))
@@ -139,10 +139,21 @@ func TestNonStreamingShapes(t *testing.T) {
 }
 
 func TestStreamingCompletionsAndMessagesEnd(t *testing.T) {
-	_, srv := startSim(t, Options{Models: []ModelSpec{{ID: model8B, VRAMMB: 17800}}})
-	r := do(t, srv, http.MethodPost, "/v1/completions", map[string]any{"model": model8B, "prompt": "hi", "stream": true})
-	if d := sseData(t, r.body); len(d) == 0 || d[len(d)-1] != "[DONE]" {
-		t.Errorf("completions stream = %q, want it to end with [DONE]", d)
+	_, srv := startSim(t, Options{Models: []ModelSpec{{ID: model8B, VRAMMB: 17800}}, AnthropicNative: true})
+	r := do(t, srv, http.MethodPost, "/v1/completions", map[string]any{"model": model8B, "prompt": "hi", "stream": true,
+		"stream_options": map[string]bool{"include_usage": true}})
+	d := sseData(t, r.body)
+	if len(d) < 2 || d[len(d)-1] != "[DONE]" {
+		t.Fatalf("completions stream = %q, want it to end with [DONE]", d)
+	}
+	var last struct {
+		Choices []any
+		Usage   *struct {
+			CompletionTokens int `json:"completion_tokens"`
+		}
+	}
+	if err := json.Unmarshal([]byte(d[len(d)-2]), &last); err != nil || last.Usage == nil || last.Usage.CompletionTokens == 0 || len(last.Choices) != 0 {
+		t.Errorf("completions stream with include_usage: last chunk %s, want usage with empty choices", d[len(d)-2])
 	}
 	r = do(t, srv, http.MethodPost, "/v1/messages", map[string]any{"model": model8B, "stream": true, "max_tokens": 64})
 	if !strings.Contains(string(r.body), "event: message_stop") || !strings.Contains(string(r.body), `"text_delta"`) {
@@ -151,7 +162,7 @@ func TestStreamingCompletionsAndMessagesEnd(t *testing.T) {
 }
 
 func TestRejectsModelItDoesNotHold(t *testing.T) {
-	sim, srv := startSim(t, Options{Models: []ModelSpec{{ID: model8B, VRAMMB: 17800}}})
+	sim, srv := startSim(t, Options{Models: []ModelSpec{{ID: model8B, VRAMMB: 17800}}, AnthropicNative: true})
 	r := do(t, srv, http.MethodPost, "/v1/chat/completions", chatBody("helexa/balanced", false))
 	var oe struct {
 		Error struct{ Code, Type, Message string }

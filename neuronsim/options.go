@@ -66,6 +66,11 @@ type Options struct {
 	MaxPromptTokens int64
 	// Seed seeds the load-failure draw (0: seeded from the clock).
 	Seed uint64
+	// AnthropicNative serves Anthropic's POST /v1/messages natively, as
+	// some inference servers do. Off (the default), the sim is an
+	// OpenAI-only neuron: /v1/messages is recorded and answered 404, so
+	// Anthropic clients need cortex-extproc to translate.
+	AnthropicNative bool
 	// LogRequests logs every request received (msg "request", method, uri)
 	// at info level before it is handled, so that a test running the sim as
 	// a process can tell what reached it.
@@ -223,6 +228,7 @@ func ParseCommandLine(args []string, out io.Writer) (*Command, error) {
 	fs.IntVar(&o.EndpointPort, "endpoint-port", 0, "port answered by /models/{id}/endpoint (0: the port the request arrived on)")
 	fs.Int64Var(&o.MaxPromptTokens, "max-prompt-tokens", DefaultMaxPromptTokens, "max_prompt_tokens in /discovery")
 	fs.Uint64Var(&o.Seed, "seed", 0, "seed for the load-failure draw (0: random)")
+	fs.BoolVar(&o.AnthropicNative, "anthropic-native", false, "also serve Anthropic's POST /v1/messages (off: 404, like an OpenAI-only neuron)")
 	fs.BoolVar(&o.LogRequests, "log-requests", false, "log every request received (method and URI)")
 	fs.BoolVar(&c.ShowVersion, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {

@@ -34,7 +34,7 @@ func TestParseCommandLine(t *testing.T) {
 		"--listen", "0.0.0.0:13131", "--name", "rig2", "--devices", "16384",
 		"--models", "Qwen/Qwen3-4B:9000", "--unloaded", "unsloth/Qwen3-0.6B-GGUF",
 		"--load-latency", "3s", "--token-interval", "200ms", "--max-in-flight", "8",
-		"--sizes", "Qwen/Qwen3-8B:17800", "--log-requests",
+		"--sizes", "Qwen/Qwen3-8B:17800", "--log-requests", "--anthropic-native",
 	}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -42,8 +42,16 @@ func TestParseCommandLine(t *testing.T) {
 	o := c.Options
 	if c.Listen != "0.0.0.0:13131" || o.Name != "rig2" || fmt.Sprint(o.Devices) != "[16384]" ||
 		o.Models[0].ID != "Qwen/Qwen3-4B" || o.Unloaded[0].ID != "unsloth/Qwen3-0.6B-GGUF" ||
-		o.LoadLatency != 3*time.Second || o.MaxInFlight != 8 || o.Sizes["Qwen/Qwen3-8B"] != 17800 || !o.LogRequests {
+		o.LoadLatency != 3*time.Second || o.MaxInFlight != 8 || o.Sizes["Qwen/Qwen3-8B"] != 17800 || !o.LogRequests || !o.AnthropicNative {
 		t.Errorf("parsed %+v", c)
+	}
+	// An OpenAI-only neuron unless told otherwise.
+	d, err := ParseCommandLine(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Options.AnthropicNative {
+		t.Error("AnthropicNative on by default; want an OpenAI-only neuron")
 	}
 	for _, bad := range [][]string{{"--devices", "big"}, {"--load-fail-rate", "2"}, {"stray"}, {"--sizes", "m"}} {
 		if _, err := ParseCommandLine(bad, io.Discard); err == nil {

@@ -1,11 +1,14 @@
 // Package neuronsim simulates a neuron, the node agent on a GPU host: the
 // whole management API of neuron-api.md (discovery, models, health, load,
-// unload, endpoint, capabilities) and OpenAI/Anthropic-shaped inference
-// that streams a few tokens. It keeps VRAM and queue accounting so that
-// placement and least-busy choices can be tested against it, and it is
-// strict where a real neuron is strict: inference for a model it does not
-// hold is rejected with 404, which is why cortex-extproc must rewrite
-// aliases.
+// unload, endpoint, capabilities) and OpenAI-shaped inference that streams
+// a few tokens, with tool calls and image inputs in chat completions.
+// Like a real neuron it does not speak Anthropic's Messages API: POST
+// /v1/messages is a 404 unless Options.AnthropicNative is set. It keeps
+// VRAM and queue accounting so that placement and least-busy choices can
+// be tested against it, and it is strict where a real neuron is strict:
+// inference for a model it does not hold is rejected with 404, which is
+// why cortex-extproc must rewrite aliases, and malformed chat requests
+// (a tool result answering no tool call, …) are rejected with 400.
 //
 // A *Sim is an http.Handler, usable in-process from tests; the knobs
 // (SetFailing, HoldLoads, …) change its behaviour at run time.
@@ -14,13 +17,16 @@ package neuronsim
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -92,12 +98,18 @@ type apiError struct {
 
 func (e *apiError) Error() string { return e.msg }
 
-// InferenceRecord is one inference request the sim received.
+// InferenceRecord is one inference request the sim received: every POST
+// under /v1/ whose body it could read, served or not (a POST /v1/messages
+// it does not serve is recorded, then answered 404).
 type InferenceRecord struct {
 	Path   string
 	Model  string
 	Stream bool
 	Header http.Header
+	// Images counts the image_url content parts of a chat request.
+	Images int
+	// Tools counts the tools of a chat request.
+	Tools int
 }
 
 // New builds a Sim with its initial models placed on its devices.
@@ -245,7 +257,54 @@ func (s *Sim) routes() {
 	s.mux.HandleFunc("POST /v1/chat/completions", s.handleChat)
 	s.mux.HandleFunc("POST /v1/completions", s.handleCompletions)
 	s.mux.HandleFunc("POST /v1/embeddings", s.handleEmbeddings)
-	s.mux.HandleFunc("POST /v1/messages", s.handleMessages)
+	if s.opts.AnthropicNative {
+		s.mux.HandleFunc("POST /v1/messages", s.handleMessages)
+	}
+	s.mux.HandleFunc("/", s.handleUnknown)
+}
+
+// handleUnknown answers what the routes above do not serve as an
+// OpenAI-compatible server does: 405 for a known path with another
+// method, else 404, in OpenAI's error shape. A neuron that speaks only
+// OpenAI treats POST /v1/messages like this; such inference-shaped
+// requests are recorded, so a test can tell one reached the neuron.
+func (s *Sim) handleUnknown(w http.ResponseWriter, r *http.Request) {
+	var allowed []string
+	for _, m := range []string{http.MethodGet, http.MethodPost} {
+		probe := *r
+		probe.Method = m
+		if _, pattern := s.mux.Handler(&probe); pattern != "/" && pattern != "" {
+			allowed = append(allowed, m)
+		}
+	}
+	if len(allowed) > 0 {
+		w.Header().Set("allow", strings.Join(allowed, ", "))
+		writeInferenceError(w, openAIShape, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed",
+			fmt.Sprintf("%s %s is not supported by neuron %s; use %s", r.Method, r.URL.Path, s.opts.Name, strings.Join(allowed, " or ")))
+		return
+	}
+	if r.Method == http.MethodPost && strings.HasPrefix(r.URL.Path, "/v1/") {
+		var body struct {
+			Model  string `json:"model"`
+			Stream bool   `json:"stream"`
+		}
+		b, _ := io.ReadAll(io.LimitReader(r.Body, maxInferenceBody))
+		_ = json.Unmarshal(b, &body)
+		s.mu.Lock()
+		s.requests = append(s.requests, InferenceRecord{Path: r.URL.Path, Model: body.Model, Stream: body.Stream, Header: r.Header.Clone()})
+		s.mu.Unlock()
+	}
+	writeInferenceError(w, openAIShape, http.StatusNotFound, "invalid_request_error", "not_found",
+		fmt.Sprintf("%s %s is not served by neuron %s (inference: POST %s)", r.Method, r.URL.Path, s.opts.Name, strings.Join(s.inferencePaths(), ", ")))
+}
+
+// inferencePaths are the inference paths this sim serves.
+func (s *Sim) inferencePaths() []string {
+	paths := []string{"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+	if s.opts.AnthropicNative {
+		paths = append(paths, "/v1/messages")
+	}
+	return paths
 }
 
 // --- knobs -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 // Command neuron-sim serves a simulated neuron (the GPU-host agent
 // cortex-extproc routes to): the neuron management API and streaming
-// OpenAI/Anthropic-shaped inference, with simulated VRAM, load latency and
-// queues. See package neuronsim and `neuron-sim -h`.
+// OpenAI-shaped inference (tool calls and images included; Anthropic's
+// /v1/messages only with --anthropic-native), with simulated VRAM, load
+// latency and queues. See package neuronsim and `neuron-sim -h`.
 package main
 
 import (
