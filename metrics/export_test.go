@@ -4,9 +4,3 @@ import "time"
 
 // SetLogClock replaces the log rate limiter's clock (before any Decided).
 func (m *Metrics) SetLogClock(now func() time.Time) { m.limiter.now = now }
-
-// LogBurst and LogEvery are the limiter's settings.
-const (
-	LogBurst = logBurst
-	LogEvery = logEvery
-)

@@ -12,12 +12,12 @@ import (
 // apierr reason.
 const ReasonColdStart = "cold_start"
 
-// Per-request info lines: up to logBurst at once per reason, then one per
-// logEvery. An operator sees the first requests of any new failure at
+// Per-request info lines: up to LogBurst at once per reason, then one per
+// LogEvery (a token bucket per reason). An operator sees the first requests of any new failure at
 // once, and a steady flood costs one line a second per reason.
 const (
-	logBurst = 10
-	logEvery = time.Second
+	LogBurst = 10
+	LogEvery = time.Second
 )
 
 // MaxLogValue bounds a client-supplied value (x-request-id, traceparent,

@@ -103,7 +103,7 @@ func New() *Metrics {
 		InflightStreams: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "inflight_streams",
 			Help: "ext_proc streams open now (requests being decided or held)."}),
 	}
-	m.limiter = newLogLimiter(logBurst, logEvery, time.Now)
+	m.limiter = newLogLimiter(LogBurst, LogEvery, time.Now)
 	m.fleet = &fleetCollector{label: m.ModelLabel}
 	r.MustRegister(m.Requests, m.Errors, m.LogLinesDropped, m.Decision, m.ColdLoads, m.ColdLoadSeconds, m.ColdLoadWait, m.ColdLoadWaiters,
 		m.Evictions, m.NeuronHealthy, m.NeuronPollFailure, m.CatalogueReloads, m.CatalogueModels, m.CatalogueInfo,
@@ -121,7 +121,7 @@ func New() *Metrics {
 // for a plain routing, at info for a cold start or an error. Keys:
 // request_id, model (as requested), resolved, node, cold_start,
 // decision_ms, and for errors status, code, reason, error. The info lines
-// are rate-limited per reason (logBurst at once, then one per logEvery):
+// are rate-limited per reason (LogBurst at once, then one per LogEvery):
 // a flood of bad requests cannot flood the log. Lines not written are
 // counted in log_lines_dropped_total, and the next line written for that
 // reason says how many in "suppressed".
