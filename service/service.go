@@ -44,24 +44,26 @@ const (
 
 // Service is a running cortex-extproc.
 type Service struct {
-	cfg      config.Config
-	log      *slog.Logger
-	store    *catalogue.Store
-	poller   *fleet.Poller
-	xds      *xds.Server // nil unless [xds] enabled
-	loader   *routing.ColdLoader
-	router   *routing.Router
-	metrics  *metrics.Metrics
-	health   *health.Server
-	grpc     *grpc.Server
-	admin    *http.Server
-	models   *modellist.List
-	clients  atomic.Pointer[map[string]neuron.API] // swapped whole by a [[neurons]] reload
-	neurons  *neuronReloader                       // nil without a config file
-	ready    chan struct{}
-	readyMu  sync.Mutex
-	isReady  bool
-	draining bool
+	cfg     config.Config
+	log     *slog.Logger
+	store   *catalogue.Store
+	poller  *fleet.Poller
+	xds     *xds.Server // nil unless [xds] enabled
+	loader  *routing.ColdLoader
+	router  *routing.Router
+	metrics *metrics.Metrics
+	health  *health.Server
+	grpc    *grpc.Server
+	admin   *http.Server
+	models  *modellist.List
+	clients atomic.Pointer[map[string]neuron.API] // swapped whole by a [[neurons]] reload
+	neurons *neuronReloader                       // nil without a config file
+	// anthropic: which neurons get /v1/messages translated.
+	anthropic *anthropicRoutes
+	ready     chan struct{}
+	readyMu   sync.Mutex
+	isReady   bool
+	draining  bool
 
 	holds     *holds        // requests held for cold loads, until Envoy has their answer
 	skipDelay chan struct{} // closed by SkipShutdownDelay
@@ -76,7 +78,7 @@ type Service struct {
 // listeners, so a port clash fails fast.
 func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	s := &Service{cfg: cfg, log: log, metrics: metrics.New(), ready: make(chan struct{}),
-		holds: newHolds(), skipDelay: make(chan struct{})}
+		holds: newHolds(), skipDelay: make(chan struct{}), anthropic: newAnthropicRoutes(cfg)}
 
 	cat := catalogue.Empty()
 	if cfg.ModelsConfig != "" {
@@ -118,6 +120,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	}, ns, log)
 	if cfg.File != "" {
 		s.neurons = newNeuronReloader(cfg, log, hc, s.poller, &s.clients)
+		s.neurons.onNeurons = s.anthropic.setNeurons
 	}
 
 	usage := routing.NewUsage()
@@ -157,6 +160,9 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		Models:            s.models,
 		Observer:          s.metrics,
 		Log:               log,
+		// An Anthropic request to a neuron that speaks only OpenAI is
+		// translated, and its answer too (extproc/anthropic.go).
+		TranslateAnthropic: s.anthropic.translates,
 	})
 
 	opts, err := grpcOptions(cfg.ExtProc)
