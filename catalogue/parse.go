@@ -138,7 +138,7 @@ func Parse(data []byte) (*Catalogue, error) {
 		return nil, &ValidationError{Problems: []Problem{{
 			Key:  formatKey(decodeErr.Key()),
 			Line: line, Column: col,
-			Message: strings.TrimPrefix(decodeErr.Error(), "toml: ") + "; fix the TOML at this position",
+			Message: describeDecodeError(decodeErr.Error()) + "; fix the TOML at this position",
 		}}}
 	default:
 		return nil, &ValidationError{Problems: []Problem{{Message: err.Error()}}}
@@ -293,6 +293,62 @@ func validate(f *file) (problems, warnings []Problem) {
 		warnings = append(warnings, Problem{Message: "the catalogue declares no [[models]] and no [aliases]; only models a neuron already has can be served"})
 	}
 	return problems, warnings
+}
+
+// typeMismatch is go-toml's message for a value of the wrong type:
+// "cannot decode TOML integer into struct field catalogue.Profile.ID of
+// type string" (or "… into string" for a map value or a list element).
+var typeMismatch = regexp.MustCompile(`cannot decode TOML ([a-z ]+?) into (?:struct field [\w.*\[\]]*?\.(\w+) of type )?(\S+)$`)
+
+// expected says, in the catalogue's terms, what a Go type of the file
+// layout holds.
+var expected = map[string]string{
+	"string":               "a string",
+	"int":                  "a whole number",
+	"int64":                "a whole number",
+	"float64":              "a number",
+	"[]string":             `a list of strings, e.g. ["a", "b"]`,
+	"catalogue.Limit":      "a table, e.g. limit = { context = 32768, output = 8192 }",
+	"catalogue.Cost":       "a table, e.g. cost = { input = 0.10, output = 0.40 }",
+	"map[string]string":    `a table of "name" = "model id" lines`,
+	"[]*catalogue.Profile": "an array of tables, each starting with [[models]]",
+}
+
+// listFields are the fields that hold a list of strings: go-toml names the
+// element type when an element is wrong.
+var listFields = map[string]bool{"PinnedOn": true, "Capabilities": true}
+
+// describeDecodeError rewrites go-toml's decode errors, which name Go types
+// (`catalogue.Profile.VRAMMB of type int64`), in the file's terms:
+// "must be a whole number, not a string".
+func describeDecodeError(msg string) string {
+	msg = strings.TrimPrefix(msg, "toml: ")
+	m := typeMismatch.FindStringSubmatch(msg)
+	if m == nil {
+		return msg
+	}
+	found, field, goType := tomlTypeName(m[1]), m[2], m[3]
+	if listFields[field] && goType == "string" {
+		return "must be " + expected["[]string"] + "; one of its elements is " + found
+	}
+	want, ok := expected[goType]
+	if !ok {
+		return msg
+	}
+	return "must be " + want + ", not " + found
+}
+
+// tomlTypeName is go-toml's name of a TOML value type with an article.
+func tomlTypeName(t string) string {
+	switch t {
+	case "integer", "array", "inline table":
+		return "an " + t
+	case "float":
+		return "a number with a fraction (float)"
+	case "boolean":
+		return "a boolean (true or false)"
+	}
+	return "a " + t
 }
 
 func modelKey(i int, id string) string {
