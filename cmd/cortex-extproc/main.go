@@ -12,6 +12,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/config"
 	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/metrics"
 	"github.com/helexa/cortex-extproc/neuron"
 	"github.com/helexa/cortex-extproc/routing"
 	"github.com/helexa/cortex-extproc/service"
@@ -138,6 +140,7 @@ func serve(ctx context.Context, cfgFile string) error {
 		}
 		return fmt.Errorf("config %s has %d problem(s); run `cortex-extproc validate --config %s`", cfgFile, len(ps), cfgFile)
 	}
+	metrics.SetBuild(version, buildCommit())
 	svc, err := service.New(res.Config, log)
 	if err != nil {
 		return err
@@ -155,7 +158,7 @@ func newLogger(c config.Log, w *os.File) (*slog.Logger, error) {
 	if err := level.UnmarshalText([]byte(strings.ToUpper(strings.Replace(c.Level, "warning", "warn", 1)))); err != nil {
 		return nil, fmt.Errorf("log.level %q: use debug, info, warn or error", c.Level)
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: logAttr}
 	format := c.Format
 	if format == "" || format == "auto" {
 		format = "json"
@@ -169,12 +172,33 @@ func newLogger(c config.Log, w *os.File) (*slog.Logger, error) {
 	return slog.New(slog.NewJSONHandler(w, opts)), nil
 }
 
+// clientSupplied are log keys whose values come from a client's headers.
+var clientSupplied = map[string]bool{"request_id": true, "traceparent": true, "tracestate": true}
+
+// logAttr keeps log values readable and bounded: a duration is written as
+// Go writes it ("1.5s"; JSON would otherwise print 1500000000
+// nanoseconds), and a value a client supplied (x-request-id, trace
+// headers) is cut to metrics.MaxLogValue bytes with a marker, whichever
+// line logs it.
+func logAttr(_ []string, a slog.Attr) slog.Attr {
+	switch a.Value.Kind() {
+	case slog.KindDuration:
+		return slog.String(a.Key, a.Value.Duration().String())
+	case slog.KindString:
+		if clientSupplied[a.Key] {
+			return slog.String(a.Key, metrics.BoundLogValue(a.Value.String()))
+		}
+	}
+	return a
+}
+
 // validateCmd prints every problem in the config and the catalogue, each
 // as "file: key: message", and returns errProblems if there is any.
 func validateCmd(out io.Writer, cfgFile, catFile string) error {
 	var problems []string
 	problem := func(file, msg string) { problems = append(problems, file+": "+msg) }
 	models, aliases, neurons := 0, 0, 0
+	var neuronNames []string // nil: no config read, pinned_on cannot be checked
 	if cfgFile == "" && catFile == "" {
 		fmt.Fprintln(out, "nothing to validate: give --config FILE and/or --catalogue FILE")
 		return errProblems
@@ -214,6 +238,10 @@ func validateCmd(out io.Writer, cfgFile, catFile string) error {
 				problem(cfgFile, p.String())
 			}
 			neurons = len(res.Config.Neurons)
+			neuronNames = []string{}
+			for _, n := range res.Config.Neurons {
+				neuronNames = append(neuronNames, n.Name)
+			}
 			// A models_config problem (unset, missing file) is already
 			// reported; reading the catalogue would say it again.
 			if catFile == "" && !reported["models_config"] {
@@ -236,6 +264,11 @@ func validateCmd(out io.Writer, cfgFile, catFile string) error {
 			for _, w := range c.Warnings() {
 				fmt.Fprintf(out, "warning: %s: %s\n", catFile, w)
 			}
+			if neuronNames != nil {
+				for _, w := range pinnedOnWarnings(c, cfgFile, neuronNames) {
+					fmt.Fprintf(out, "warning: %s: %s\n", catFile, w)
+				}
+			}
 		}
 	}
 	if len(problems) > 0 {
@@ -251,6 +284,48 @@ func validateCmd(out io.Writer, cfgFile, catFile string) error {
 	}
 	fmt.Fprintf(out, "ok: %d neuron(s), %d catalogue model(s), %d alias(es)\n", neurons, models, aliases)
 	return nil
+}
+
+// pinnedOnWarnings names each pinned_on entry that is not a configured
+// neuron. Only a warning: one catalogue may serve several gateways with
+// different neurons. A model none of whose pinned_on neurons is configured
+// can never be cold-loaded here, and says so.
+func pinnedOnWarnings(c *catalogue.Catalogue, cfgFile string, neurons []string) []string {
+	configured := map[string]bool{}
+	for _, n := range neurons {
+		configured[n] = true
+	}
+	have := "it configures no neurons"
+	if len(neurons) > 0 {
+		have = "it configures " + strings.Join(neurons, ", ")
+	}
+	var out []string
+	for _, p := range c.Models() {
+		var missing []string
+		for _, n := range p.PinnedOn {
+			if !configured[n] {
+				missing = append(missing, strconv.Quote(n))
+			}
+		}
+		if len(missing) == 0 {
+			continue
+		}
+		key := fmt.Sprintf("models (id %q).pinned_on", p.ID)
+		if len(missing) == len(p.PinnedOn) {
+			out = append(out, fmt.Sprintf("%s: %s not a neuron in %s (%s), so %s can never be cold-loaded by this cortex-extproc (503 no_feasible_neuron); fix the name or add the neuron",
+				key, isAre(missing), cfgFile, have, p.ID))
+			continue
+		}
+		out = append(out, fmt.Sprintf("%s: %s not a neuron in %s (%s); cold loads use only the others", key, isAre(missing), cfgFile, have))
+	}
+	return out
+}
+
+func isAre(names []string) string {
+	if len(names) == 1 {
+		return names[0] + " is"
+	}
+	return strings.Join(names, ", ") + " are"
 }
 
 // decisionView is what `route` prints.
@@ -285,6 +360,7 @@ type loadView struct {
 type errorView struct {
 	Status     int    `json:"status"`
 	Code       string `json:"code"`
+	Reason     string `json:"reason"` // the request_errors_total reason
 	Message    string `json:"message"`
 	RetryAfter int    `json:"retry_after,omitempty"`
 }
@@ -361,7 +437,7 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		}
 	}
 	if aerr != nil {
-		v.Error = &errorView{aerr.Status, aerr.Code, aerr.Message, aerr.RetryAfter}
+		v.Error = &errorView{aerr.Status, aerr.Code, string(aerr.Classified()), aerr.Message, aerr.RetryAfter}
 	}
 	// An error decision is printed like any other, then exits 1 so a
 	// script can tell "would be served" from "would fail" without parsing.
@@ -400,7 +476,7 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		if v.Error.RetryAfter > 0 {
 			fmt.Fprintf(out, " (Retry-After %d)", v.Error.RetryAfter)
 		}
-		fmt.Fprintln(out)
+		fmt.Fprintf(out, "\nreason:     %s\n", v.Error.Reason)
 		return fail()
 	}
 	fmt.Fprintf(out, "node:       %s\ncluster:    %s\n", v.Node, v.Cluster)
