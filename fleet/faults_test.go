@@ -48,3 +48,27 @@ func TestReadingsCarryTheirRequestTime(t *testing.T) {
 		t.Fatalf("after a failed /health: HealthAt %v (was %v), ModelsAt %v (was %v)", n2.HealthAt, n.HealthAt, n2.ModelsAt, n.ModelsAt)
 	}
 }
+
+// A model MarkLoaded reports is listed only with its endpoint: listed
+// without one, requests for it would get a 503 meanwhile (they join the
+// load's flight instead, which waits for MarkLoaded).
+func TestMarkLoadedListsTheModelWithItsEndpoint(t *testing.T) {
+	api := newFakeAPI()
+	api.endpoints["fresh"] = "http://10.0.0.1:8002"
+	gate, entered := make(chan struct{}), make(chan struct{}, 1)
+	api.set(func(f *fakeAPI) { f.endpointGate, f.endpointEntered = gate, entered })
+	h := start(t, PollerConfig{}, Neuron{Name: "a", Endpoint: "http://a:1", API: api})
+	done := make(chan error, 1)
+	go func() { done <- h.p.MarkLoaded(h.ctx, "a", "fresh", []int{0}, 8000) }()
+	<-entered
+	if m := h.node("a").Model("fresh"); m != nil {
+		t.Fatalf("listed before its endpoint is known: %+v", m)
+	}
+	close(gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if m := h.node("a").Model("fresh"); m == nil || m.Endpoint != "http://10.0.0.1:8002" {
+		t.Fatalf("after MarkLoaded: %+v, want listed with its endpoint", m)
+	}
+}

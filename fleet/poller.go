@@ -197,6 +197,9 @@ type resolveResult struct {
 	model  string
 	answer endpointAnswer
 	reply  chan error
+	// mark is the MarkLoaded this lookup was for: applied only now, so
+	// that the model is never listed resident without its endpoint.
+	mark mark
 }
 
 // NewPoller returns a poller for neurons. Nothing is polled until Run.
@@ -769,15 +772,17 @@ func (p *Poller) mark(r request) {
 	}
 	p.seq++
 	mk := mark{seq: p.seq, devices: r.devices, vramMB: r.vramMB}
-	ns.marks[r.model] = mk
-	p.setModels(ns, upsertLoaded(ns.models, r.model, mk))
-	p.publish()
 	if _, ok := ns.endpoints[r.model]; ok {
+		p.applyMark(ns, r.model, mk)
+		p.publish()
 		r.reply <- nil
 		return
 	}
-	// Resolve off the owner goroutine; the caller waits for it so that
-	// the snapshot it reads next has the endpoint.
+	// Resolve off the owner goroutine first: listed resident without an
+	// endpoint, the model would answer requests with a 503 in between.
+	// Until then requests for it join the load's flight, which waits for
+	// this call. The caller waits too, so the snapshot it reads next has
+	// the model and its endpoint.
 	api, model, timeout, ctx := ns.cfg.API, r.model, p.cfg.Timeout, p.runCtx
 	p.wg.Add(1)
 	go func() {
@@ -789,14 +794,21 @@ func (p *Poller) mark(r request) {
 			err = errors.New("empty endpoint answer")
 		}
 		select {
-		case p.resolved <- resolveResult{key: ns, model: model, answer: endpointAnswer{url: u, err: err}, reply: r.reply}:
+		case p.resolved <- resolveResult{key: ns, model: model, answer: endpointAnswer{url: u, err: err}, reply: r.reply, mark: mk}:
 		case <-ctx.Done():
 		}
 	}()
 }
 
+// applyMark lists model on ns as MarkLoaded says.
+func (p *Poller) applyMark(ns *nodeState, model string, mk mark) {
+	ns.marks[model] = mk
+	p.setModels(ns, upsertLoaded(ns.models, model, mk))
+}
+
 func (p *Poller) finishResolve(res resolveResult) {
 	if ns, ok := p.nodes[res.key.cfg.Name]; ok && ns == res.key {
+		p.applyMark(ns, res.model, res.mark)
 		p.setEndpoint(ns, res.model, res.answer)
 		p.publish()
 	}

@@ -36,6 +36,10 @@ type fakeAPI struct {
 	// a value (or ctx) before answering.
 	modelsGate    chan struct{}
 	modelsEntered chan struct{}
+	// endpointGate, when set, makes Endpoint signal endpointEntered and
+	// wait for a value (or ctx) before answering.
+	endpointGate    chan struct{}
+	endpointEntered chan struct{}
 }
 
 func newFakeAPI(models ...neuron.Model) *fakeAPI {
@@ -111,6 +115,17 @@ func (f *fakeAPI) Health(ctx context.Context) (*neuron.Health, error) {
 }
 
 func (f *fakeAPI) Endpoint(ctx context.Context, id string) (string, error) {
+	f.mu.Lock()
+	gate, entered := f.endpointGate, f.endpointEntered
+	f.mu.Unlock()
+	if gate != nil {
+		entered <- struct{}{}
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls["endpoint:"+id]++
