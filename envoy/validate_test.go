@@ -121,7 +121,7 @@ func TestShippedEnvoyConfigsValidate(t *testing.T) {
 	// The walk must find every config we ship; a rename or a broken
 	// ConfigMap extraction would otherwise validate nothing.
 	for _, want := range []string{
-		"envoy.yaml", "envoy-xds.yaml", "envoy-original-dst.yaml",
+		"envoy.yaml", "envoy-xds.yaml", "envoy-original-dst.yaml", "envoy-local.yaml",
 		"../compose/envoy.yaml",
 		"../deploy/kubernetes/envoy-deployment.yaml#envoy.yaml",
 		"../deploy/kubernetes/envoy-sidecar.yaml#envoy.yaml",
