@@ -265,6 +265,27 @@ func (l *ColdLoader) Join(model string) (*Flight, *apierr.Error) {
 	return &Flight{l: l, f: f}, nil
 }
 
+// preview is Join without its effects: the load in progress that a
+// request would join, or the plan a new one would follow.
+func (l *ColdLoader) preview(model string) (*Plan, string, *apierr.Error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if f := l.flights[model]; f != nil {
+		return nil, *f.node.Load(), nil
+	}
+	cat := l.catalogue()
+	p := cat.Profile(model)
+	if p == nil {
+		return nil, "", apierr.ModelNotFound("model %q is not in the catalogue, so it cannot be cold-loaded", model)
+	}
+	view := l.ledger.View()
+	plan, err := Place(cat, l.deps.Fleet(), view, p, l.placementState(nil))
+	if err != nil {
+		return nil, "", l.withRecentFailures(model, err)
+	}
+	return &plan, "", nil
+}
+
 // wait blocks until the load finished, answering the node it is loaded on,
 // or until ctx is done (the caller's own deadline or hang-up), answering a
 // retryable 503; the load goes on for the other waiters. The caller gives

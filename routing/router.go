@@ -164,3 +164,33 @@ func target(d Decision) Target {
 
 // LastAccess is when a request was last routed to model on node (zero if never).
 func (r *Router) LastAccess(node, model string) time.Time { return r.usage.LastAccess(node, model) }
+
+// Explanation is what a request for a model would get, decided by the
+// same code as Route, without loading, evicting or counting anything.
+type Explanation struct {
+	Decision Decision
+	// Plan is where a cold load would go and what it would evict (nil
+	// unless Decision.Step is StepColdLoad and it can be placed).
+	Plan *Plan
+	// Joins names the node of a load of this model already in progress,
+	// which the request would wait for instead of placing its own.
+	Joins string
+	Err   *apierr.Error
+}
+
+// Explain is a dry run of Route for `cortex-extproc route`.
+func (r *Router) Explain(requested string) Explanation {
+	view := r.ledger() // before the snapshot: see Place
+	snap := r.fleet()
+	d, err := Decide(r.catalogue(), snap, view, requested)
+	x := Explanation{Decision: d, Err: err}
+	if err != nil || d.Step != StepColdLoad {
+		return x
+	}
+	if r.loader == nil {
+		x.Err = apierr.Unavailable(5, "model %q is in the catalogue but loaded nowhere, and cold loads are disabled", d.Model).WithReason(apierr.ReasonColdLoadsDisabled)
+		return x
+	}
+	x.Plan, x.Joins, x.Err = r.loader.preview(d.Model)
+	return x
+}

@@ -407,7 +407,21 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		return fmt.Errorf("the fleet poll did not finish within %s; check the neurons' endpoints and poll.timeout", limit)
 	}
 	snap := p.Snapshot()
-	d, aerr := routing.Decide(cat, snap, nil, model)
+	// The router's own dry run: the same decision and placement a request
+	// would get. The loader it holds never runs a load here.
+	loader := routing.NewColdLoader(routing.ColdLoadConfig{
+		Timeout:         cfg.ColdLoad.Timeout,
+		MaxEvictions:    cfg.ColdLoad.EvictionLimit(),
+		MaxWaiters:      cfg.ColdLoad.MaxWaiters,
+		FailureCooldown: cfg.ColdLoad.Cooldown(),
+	}, routing.ColdLoadDeps{
+		Catalogue: func() *catalogue.Catalogue { return cat },
+		Fleet:     p.Snapshot,
+		Neuron:    func(string) neuron.API { return nil },
+	})
+	defer loader.Close(context.Background())
+	x := routing.NewRouter(func() *catalogue.Catalogue { return cat }, p.Snapshot, loader, nil).Explain(model)
+	d, aerr := x.Decision, x.Err
 	v := decisionView{Requested: model, Model: d.Model, Node: d.Node, Cluster: d.Cluster, Endpoint: d.Endpoint, ColdStart: d.ColdStart,
 		Neurons: []neuronView{}}
 	for _, n := range snap.Nodes {
@@ -420,21 +434,14 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 		v.Action = "route to a loaded replica"
 	case d.Step == routing.StepUnloaded:
 		v.Action = "route to the node that knows it; the neuron reloads it lazily"
-	case d.Step == routing.StepColdLoad:
-		usage := routing.NewUsage()
-		plan, perr := routing.Place(cat, snap, nil, cat.Profile(d.Model), routing.PlacementState{
-			LastAccess:   usage.LastAccess,
-			InFlight:     usage.InFlight,
-			MaxEvictions: cfg.ColdLoad.EvictionLimit(),
-		})
-		if perr != nil {
-			aerr = perr
-			v.Action = "error"
-		} else {
-			v.Action = "cold load"
-			v.Node, v.Cluster = plan.Node, snap.Node(plan.Node).Cluster
-			v.Load = &loadView{Node: plan.Node, Devices: append([]int{}, plan.Spec.Devices...), PerDeviceMB: plan.PerDeviceMB, Evict: append([]string{}, plan.Evict...)}
-		}
+	case d.Step == routing.StepColdLoad && x.Joins != "":
+		v.Action = "wait for the cold load already in progress on " + x.Joins
+		v.Node, v.Cluster = x.Joins, snap.Node(x.Joins).Cluster
+	case d.Step == routing.StepColdLoad && x.Plan != nil:
+		plan := x.Plan
+		v.Action = "cold load"
+		v.Node, v.Cluster = plan.Node, snap.Node(plan.Node).Cluster
+		v.Load = &loadView{Node: plan.Node, Devices: append([]int{}, plan.Spec.Devices...), PerDeviceMB: plan.PerDeviceMB, Evict: append([]string{}, plan.Evict...)}
 	}
 	if aerr != nil {
 		v.Error = &errorView{aerr.Status, aerr.Code, string(aerr.Classified()), aerr.Message, aerr.RetryAfter}
