@@ -9,6 +9,7 @@ import (
 	"context"
 	"log/slog"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,7 +63,15 @@ type Metrics struct {
 	log       atomic.Pointer[slog.Logger] // nil: Decided logs nothing
 	limiter   *logLimiter
 	fleet     *fleetCollector
+
+	// requests caches Requests' children by label values: hashing and
+	// validating four label values on every request (client_golang's
+	// WithLabelValues) cost more than the rest of Decided together.
+	requestsMu sync.RWMutex
+	requests   map[requestLabels]prometheus.Counter
 }
+
+type requestLabels struct{ model, requested, node, outcome string }
 
 // New registers every metric, plus the Go and process collectors.
 func New() *Metrics {
@@ -104,6 +113,7 @@ func New() *Metrics {
 			Help: "ext_proc streams open now (requests being decided or held)."}),
 	}
 	m.limiter = newLogLimiter(LogBurst, LogEvery, time.Now)
+	m.requests = map[requestLabels]prometheus.Counter{}
 	m.fleet = &fleetCollector{label: m.ModelLabel}
 	r.MustRegister(m.Requests, m.Errors, m.LogLinesDropped, m.Decision, m.ColdLoads, m.ColdLoadSeconds, m.ColdLoadWait, m.ColdLoadWaiters,
 		m.Evictions, m.NeuronHealthy, m.NeuronPollFailure, m.CatalogueReloads, m.CatalogueModels, m.CatalogueInfo,
@@ -159,10 +169,11 @@ func (m *Metrics) Decided(requestID string, t *routing.Target, err *apierr.Error
 	if t != nil {
 		model, requested, node = t.Model, t.Requested, t.Node
 	}
-	if requested == "" {
-		requested = model
+	modelLabel := m.ModelLabel(model)
+	requestedLabel := modelLabel // a concrete id, or no model at all
+	if requested != "" && requested != model {
+		requestedLabel = m.ModelLabel(requested)
 	}
-	modelLabel, requestedLabel := m.ModelLabel(model), m.ModelLabel(requested)
 	outcome := OutcomeRouted
 	switch {
 	case err != nil:
@@ -171,8 +182,25 @@ func (m *Metrics) Decided(requestID string, t *routing.Target, err *apierr.Error
 	case t != nil && t.ColdStart:
 		outcome = OutcomeColdStart
 	}
-	m.Requests.WithLabelValues(modelLabel, requestedLabel, node, outcome).Inc()
+	m.requestCounter(requestLabels{modelLabel, requestedLabel, node, outcome}).Inc()
 	m.logDecision(requestID, t, err, d)
+}
+
+// requestCounter is Requests.WithLabelValues(k…), cached. Label values are
+// bounded, so the cache is too; children are never deleted from Requests,
+// so a cached one stays the one /metrics shows.
+func (m *Metrics) requestCounter(k requestLabels) prometheus.Counter {
+	m.requestsMu.RLock()
+	c, ok := m.requests[k]
+	m.requestsMu.RUnlock()
+	if ok {
+		return c
+	}
+	c = m.Requests.WithLabelValues(k.model, k.requested, k.node, k.outcome)
+	m.requestsMu.Lock()
+	m.requests[k] = c
+	m.requestsMu.Unlock()
+	return c
 }
 
 // statusLabel avoids strconv's allocation for the statuses we answer.
