@@ -34,6 +34,7 @@ type composeService struct {
 	DependsOn map[string]struct {
 		Condition string `json:"condition"`
 	} `json:"depends_on"`
+	StopGracePeriod string `json:"stop_grace_period"`
 }
 
 type composeBuild struct {

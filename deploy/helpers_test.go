@@ -15,6 +15,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	toml "github.com/pelletier/go-toml/v2"
 
+	"github.com/helexa/cortex-extproc/config"
 	"github.com/helexa/cortex-extproc/envoy"
 )
 
@@ -39,6 +40,8 @@ type serviceConfig struct {
 		Endpoint string `toml:"endpoint"`
 		Cluster  string `toml:"cluster"`
 	} `toml:"neurons"`
+
+	full config.Config // as cortex-extproc reads it
 }
 
 func parseServiceConfig(t *testing.T, name string, data []byte) serviceConfig {
@@ -50,7 +53,27 @@ func parseServiceConfig(t *testing.T, name string, data []byte) serviceConfig {
 	if len(c.Neurons) == 0 {
 		t.Fatalf("%s: no [[neurons]]", name)
 	}
+	// The same text through cortex-extproc's own loader, defaults applied.
+	res, err := config.Parse("cortex-extproc.toml", data)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	if len(res.Unknown) > 0 {
+		t.Errorf("%s: keys cortex-extproc does not know: %v", name, res.Unknown)
+	}
+	c.full = res.Config
 	return c
+}
+
+// shutdownDelay and drainTimeout are extproc.shutdown_delay and
+// extproc.drain_timeout, defaults included.
+func (c serviceConfig) shutdownDelay(*testing.T) time.Duration { return c.full.ExtProc.ShutdownDelay }
+func (c serviceConfig) drainTimeout(*testing.T) time.Duration  { return c.full.ExtProc.DrainTimeout }
+
+// envoyBootstrap parses an Envoy config without checking it against a
+// cortex-extproc config.
+func envoyBootstrap(data []byte) (*bootstrapv3.Bootstrap, error) {
+	return envoy.ParseBootstrapYAML(data)
 }
 
 // envoySettings are what the Envoy config must agree with, from this
