@@ -20,6 +20,7 @@ const (
 	DefaultInterval         = 10 * time.Second
 	DefaultTimeout          = 5 * time.Second
 	DefaultFailureThreshold = 3
+	DefaultSuspectGap       = time.Second
 )
 
 // ErrStopped is returned by calls that need the poller's owner goroutine
@@ -50,6 +51,17 @@ type PollerConfig struct {
 	// OnRemove reports a node removed by SetNeurons, so its metric label
 	// values can be deleted.
 	OnRemove func(node string)
+	// OnSuspectUnhealthy reports a node marked unhealthy at once because
+	// the re-poll a Suspect call started failed
+	// (neuron_fast_unhealthy_total{node}).
+	OnSuspectUnhealthy func(node string)
+
+	// SuspectGap is the least time between the starts of two re-polls of
+	// one node that Suspect asks for (default 1s); Suspect calls in
+	// between are dropped.
+	SuspectGap time.Duration
+	// Now is the clock SuspectGap is counted with; nil is time.Now.
+	Now func() time.Time
 }
 
 func (c PollerConfig) withDefaults() PollerConfig {
@@ -62,14 +74,20 @@ func (c PollerConfig) withDefaults() PollerConfig {
 	if c.FailureThreshold <= 0 {
 		c.FailureThreshold = DefaultFailureThreshold
 	}
+	if c.SuspectGap <= 0 {
+		c.SuspectGap = DefaultSuspectGap
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
 	return c
 }
 
 // Poller polls every neuron and publishes the fleet as an immutable
 // Snapshot. It is the only writer of fleet state: all mutation happens in
 // the goroutine running Run, and other goroutines (MarkLoaded, SetNeurons,
-// PollNow) hand it requests over channels. Neuron calls run in their own
-// goroutines so the owner never blocks on the network.
+// PollNow, Suspect) hand it requests over channels. Neuron calls run in
+// their own goroutines so the owner never blocks on the network.
 type Poller struct {
 	cfg PollerConfig
 	log *slog.Logger
@@ -87,6 +105,12 @@ type Poller struct {
 	pendingMu sync.Mutex
 	pending   []Neuron
 	hasPend   bool
+	// Suspect leaves node names in suspects and wakes the owner through
+	// suspectWake; re-poll results come back on repolled.
+	suspectWake chan struct{}
+	suspectMu   sync.Mutex
+	suspects    map[string]struct{}
+	repolled    chan pollResult
 
 	// Owner-only state below: touched by NewPoller before Run starts, then
 	// only by the Run goroutine.
@@ -128,6 +152,14 @@ type nodeState struct {
 	// marks are MarkLoaded calls (model -> seq) not yet confirmed by a poll
 	// that started after them.
 	marks map[string]mark
+
+	// appliedSeq is the seq of the newest poll applied: a result of a
+	// poll started earlier (a round's, racing a re-poll) is stale.
+	appliedSeq uint64
+	// suspect: a Suspect call started a re-poll that has not answered
+	// yet (repolling); lastRepoll is when the last one started.
+	suspect    bool
+	lastRepoll time.Time
 
 	// view is the *Node last published for this state. Every change to
 	// what node() reads sets dirty, and only a dirty node is rebuilt at
@@ -190,6 +222,9 @@ type pollResult struct {
 	modelsAt  time.Time
 	modelsErr error
 	endpoints map[string]endpointAnswer
+	// probeFailed: a re-poll's first /models call failed; nothing else
+	// was asked (repollNode).
+	probeFailed bool
 }
 
 type resolveResult struct {
@@ -217,6 +252,10 @@ func NewPoller(cfg PollerConfig, neurons []Neuron, log *slog.Logger) *Poller {
 		resolved: make(chan resolveResult),
 		wake:     make(chan struct{}, 1),
 		nodes:    map[string]*nodeState{},
+
+		suspectWake: make(chan struct{}, 1),
+		suspects:    map[string]struct{}{},
+		repolled:    make(chan pollResult),
 	}
 	ch := make(chan struct{})
 	p.changed.Store(&ch)
@@ -277,6 +316,10 @@ func (p *Poller) Run(ctx context.Context) error {
 			p.finishPoll(res)
 		case res := <-p.resolved:
 			p.finishResolve(res)
+		case <-p.suspectWake:
+			p.takeSuspects()
+		case res := <-p.repolled:
+			p.finishRepoll(res)
 		}
 	}
 }
@@ -453,7 +496,7 @@ func (p *Poller) startRound(waiters []chan error) {
 }
 
 func (p *Poller) finishPoll(res pollResult) {
-	if ns, ok := p.nodes[res.key.cfg.Name]; ok && ns == res.key {
+	if ns, ok := p.nodes[res.key.cfg.Name]; ok && ns == res.key && res.seq >= ns.appliedSeq {
 		p.apply(ns, res)
 	}
 	p.inRound.pending--
@@ -584,6 +627,7 @@ func (p *Poller) apply(ns *nodeState, r pollResult) {
 	name := ns.cfg.Name
 	ns.dirty = true // lastPoll at least
 	ns.lastPoll = time.Now()
+	ns.appliedSeq = r.seq
 
 	if r.healthErr != nil {
 		if msg := r.healthErr.Error(); msg != ns.healthErr {
@@ -856,6 +900,7 @@ func (ns *nodeState) node(prev *Node) *Node {
 		Cluster:             ns.cfg.Cluster,
 		Endpoint:            ns.cfg.Endpoint,
 		Healthy:             ns.healthy,
+		Suspect:             ns.suspect,
 		ConsecutiveFailures: ns.failures,
 		LastPoll:            ns.lastPoll,
 		LastSuccess:         ns.lastSuccess,

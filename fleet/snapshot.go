@@ -101,7 +101,10 @@ type Node struct {
 
 	// Healthy turns false after failure_threshold consecutive failed
 	// /models polls and true again on the first success.
-	Healthy             bool
+	Healthy bool
+	// Suspect: a request routed here failed as if the neuron were gone,
+	// and the re-poll that decides it has not answered yet (Poller.Suspect).
+	Suspect             bool
 	ConsecutiveFailures int
 	LastPoll            time.Time // last attempt
 	LastSuccess         time.Time // last successful /models poll
