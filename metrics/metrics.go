@@ -54,6 +54,8 @@ type Metrics struct {
 	Evictions         *prometheus.CounterVec // node, model
 	NeuronHealthy     *prometheus.GaugeVec   // node
 	NeuronPollFailure *prometheus.CounterVec // node
+	SuspectSignals    *prometheus.CounterVec // node, signal
+	FastUnhealthy     *prometheus.CounterVec // node
 	CatalogueReloads  *prometheus.CounterVec // result
 	CatalogueModels   prometheus.Gauge
 	CatalogueInfo     *prometheus.GaugeVec // hash, generation
@@ -103,6 +105,12 @@ func New() *Metrics {
 			Help: "1 when the neuron passes its /models polls, 0 after failure_threshold consecutive failures."}, []string{"node"}),
 		NeuronPollFailure: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "neuron_poll_failures_total",
 			Help: "Failed /models polls per neuron."}, []string{"node"}),
+		SuspectSignals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "neuron_suspect_signals_total",
+			Help: "Routed requests whose upstream failed as if the neuron were gone, by node and signal (envoy_local_reply: Envoy answered 502/503/504 itself; no_response_headers: the ext_proc stream ended before the answer). Each asks for a re-poll of the node."},
+			[]string{"node", "signal"}),
+		FastUnhealthy: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "neuron_fast_unhealthy_total",
+			Help: "Neurons marked unhealthy at once because the re-poll after a failed request failed, without waiting for failure_threshold polls."},
+			[]string{"node"}),
 		CatalogueReloads: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "catalogue_reloads_total",
 			Help: "Catalogue reloads by result (ok, error)."}, []string{"result"}),
 		CatalogueModels: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "catalogue_models",
@@ -116,7 +124,7 @@ func New() *Metrics {
 	m.requests = map[requestLabels]prometheus.Counter{}
 	m.fleet = &fleetCollector{label: m.ModelLabel}
 	r.MustRegister(m.Requests, m.Errors, m.LogLinesDropped, m.Decision, m.ColdLoads, m.ColdLoadSeconds, m.ColdLoadWait, m.ColdLoadWaiters,
-		m.Evictions, m.NeuronHealthy, m.NeuronPollFailure, m.CatalogueReloads, m.CatalogueModels, m.CatalogueInfo,
+		m.Evictions, m.NeuronHealthy, m.NeuronPollFailure, m.SuspectSignals, m.FastUnhealthy, m.CatalogueReloads, m.CatalogueModels, m.CatalogueInfo,
 		m.InflightStreams, buildInfo(), m.fleet,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Both results exist from the start, so a dashboard's rate() of errors
@@ -315,10 +323,23 @@ func (m *Metrics) NeuronHealth(node string, healthy bool) {
 	m.NeuronHealthy.WithLabelValues(node).Set(v)
 }
 
+// SuspectSignal records a routed request whose upstream failed as if the
+// neuron were gone (extproc.FailedLocalReply, extproc.FailedNoResponse).
+func (m *Metrics) SuspectSignal(node, signal string) {
+	m.SuspectSignals.WithLabelValues(node, signal).Inc()
+}
+
+// SuspectUnhealthy records a neuron taken out by a failed re-poll.
+func (m *Metrics) SuspectUnhealthy(node string) {
+	m.FastUnhealthy.WithLabelValues(node).Inc()
+}
+
 // NeuronRemoved drops the label values of a neuron no longer configured.
 func (m *Metrics) NeuronRemoved(node string) {
 	m.NeuronHealthy.DeleteLabelValues(node)
 	m.NeuronPollFailure.DeleteLabelValues(node)
+	m.SuspectSignals.DeletePartialMatch(prometheus.Labels{"node": node})
+	m.FastUnhealthy.DeleteLabelValues(node)
 }
 
 // CatalogueReload records a reload attempt.

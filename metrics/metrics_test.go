@@ -26,8 +26,8 @@ func testCatalogue() *catalogue.Catalogue {
 var contractMetrics = []string{
 	"requests_total", "request_errors_total", "build_info", "request_decision_seconds", "cold_loads_total", "cold_load_seconds",
 	"cold_load_wait_seconds", "cold_load_waiters", "evictions_total", "neuron_healthy",
-	"neuron_poll_failures_total", "catalogue_reloads_total", "catalogue_models", "catalogue_info",
-	"inflight_streams",
+	"neuron_poll_failures_total", "neuron_suspect_signals_total", "neuron_fast_unhealthy_total",
+	"catalogue_reloads_total", "catalogue_models", "catalogue_info", "inflight_streams",
 }
 
 func TestEveryContractMetricIsExposed(t *testing.T) {
@@ -41,6 +41,8 @@ func TestEveryContractMetricIsExposed(t *testing.T) {
 	m.Evicted("beast", "Qwen/Qwen3-8B")
 	m.NeuronHealth("beast", true)
 	m.PollResult("beast", false)
+	m.SuspectSignal("beast", "envoy_local_reply")
+	m.SuspectUnhealthy("beast")
 	m.StreamStarted()
 
 	fams, err := m.Registry.Gather()
