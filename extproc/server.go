@@ -109,6 +109,13 @@ type Options struct {
 	// back), because that neuron does not serve /v1/messages itself
 	// (anthropic.go). nil: never translate.
 	TranslateAnthropic func(node string) bool
+	// UpstreamFailed, when set, is told of a routed request whose
+	// upstream failed the way a dead neuron fails: Envoy answered it
+	// itself (how FailedLocalReply, status its 502/503/504), or its
+	// stream ended before any response headers (FailedNoResponse, status
+	// 0). See upstreamfail.go. Called on the stream's goroutine: it must
+	// not block.
+	UpstreamFailed func(node, model string, status int, how string)
 }
 
 // overrideMargin is added to the cold-load timeout in the override so our
@@ -181,6 +188,9 @@ type stream struct {
 	bodyDone  bool
 	badMode   string // non-empty when Envoy's body mode cannot route
 	target    routing.Target
+	// awaiting: the body reply routed the request to target and its
+	// response headers have not come yet.
+	awaiting bool
 	// lease counts the request in flight on its target (eviction never
 	// picks such a model) until the upstream answered or the stream ended.
 	lease routing.Lease
@@ -232,6 +242,7 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 			// EOF: Envoy has what it needs (or half-closed after a client
 			// hang-up). Canceled: the HTTP request is gone.
 			if errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled || ctx.Err() != nil {
+				st.ended()
 				return nil
 			}
 			return err
@@ -425,10 +436,12 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *r
 			st.lease.Release()
 			return st.decided(&t, aerr, start), nil
 		}
+		st.awaiting = true
 		st.decided(&t, nil, start)
 		return resp, nil
 	}
 	resp := st.route(msg, body, m, &t, value)
+	st.awaiting = true
 	st.decided(&t, nil, start)
 	return resp, nil
 }
@@ -500,6 +513,7 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) any {
 	// The upstream has answered: the request no longer blocks an eviction
 	// through us (the neuron's own in_flight covers the rest of a stream).
 	st.lease.Release()
+	st.upstreamAnswered(h)
 	if st.ax != nil {
 		return st.anthropicResponseHeaders(h)
 	}
