@@ -64,6 +64,61 @@ func TestChatBodyIsARealisticRequestOfTheAskedSize(t *testing.T) {
 	}
 }
 
+// The SDKs' shape: every field as ChatBody has it, "model" last.
+func TestChatBodyModelLast(t *testing.T) {
+	for _, size := range []int{2 << 10, 64 << 10, 1 << 20} {
+		body := ChatBodyModelLast("helexa/balanced", size)
+		if len(body) != size || !json.Valid(body) {
+			t.Fatalf("%d: %d bytes, valid JSON %v", size, len(body), json.Valid(body))
+		}
+		if !bytes.HasSuffix(body, []byte(`],"model":"helexa/balanced"}`)) {
+			t.Errorf("%d: model is not the last field: …%s", size, body[len(body)-60:])
+		}
+		var first, last map[string]any
+		if json.Unmarshal(ChatBody("helexa/balanced", size), &first) != nil || json.Unmarshal(body, &last) != nil {
+			t.Fatal("bodies do not decode")
+		}
+		if len(first) != len(last) || first["model"] != last["model"] || len(first["messages"].([]any)) < len(last["messages"].([]any))-1 {
+			t.Errorf("%d: model-last body is not the same request: %d vs %d fields", size, len(last), len(first))
+		}
+	}
+}
+
+// cortex-extproc's server reads and rewrites a model sent last just the
+// same (past reqbody.NearLimit: the validator's span and the splice).
+func TestRunModelLast(t *testing.T) {
+	self, err := StartSelf(SelfFleet{Nodes: 5, ModelsPerNode: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	results, err := Run(context.Background(), Config{BodySizes: []int{2 << 10, 64 << 10}, Models: []string{"helexa/small", "Qwen/Qwen3-8B"},
+		Concurrency: []int{2}, Requests: 6, ModelLast: true}, []*Server{self})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range results {
+		if r.Errors != 0 || r.Immediate != 0 || !r.ModelLast {
+			t.Fatalf("%s %d: %d errors (%s), %d local replies (%s)", r.Model, r.BodySize, r.Errors, r.FirstError, r.Immediate, r.FirstImmediate)
+		}
+		newBody := r.SampleBody.GetRequestBody().GetResponse().GetBodyMutation().GetBody()
+		want := ChatBodyModelLast("Qwen/Qwen3-1.7B", r.BodySize-len("helexa/small")+len("Qwen/Qwen3-1.7B"))
+		switch {
+		case r.Model == "helexa/small" && (r.Mutations != r.Requests || !bytes.Equal(newBody, want)):
+			t.Errorf("%d: alias sent last: %d of %d rewritten, body as expected %v", r.BodySize, r.Mutations, r.Requests, bytes.Equal(newBody, want))
+		case r.Model != "helexa/small" && r.Mutations != 0:
+			t.Errorf("%d: concrete id sent last: body sent back", r.BodySize)
+		}
+	}
+	var out bytes.Buffer
+	if err := Write(&out, results, ReportOptions{Markdown: true}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "| self | 64 KB, model last | helexa/small |") {
+		t.Errorf("table does not say the model came last:\n%s", out.String())
+	}
+}
+
 // TestRunMeasuresEachServerAndChecksTheirReplies runs the core against the
 // three servers the tool starts itself, with Envoy's full sequence.
 func TestRunMeasuresEachServerAndChecksTheirReplies(t *testing.T) {

@@ -51,18 +51,32 @@ var words = []string{
 }
 
 // ChatBody builds an OpenAI chat-completions request of exactly size bytes
-// when size allows (a minimal body otherwise): "model" first, as clients
-// send it, then a messages array of long contents. Deterministic.
+// when size allows (a minimal body otherwise): "model" first, as many
+// clients send it, then a messages array of long contents. Deterministic.
 func ChatBody(model string, size int) []byte {
 	m, _ := json.Marshal(model)
 	buf := make([]byte, 0, size+64)
 	buf = append(buf, `{"model":`...)
 	buf = append(buf, m...)
 	buf = append(buf, `,"stream":true,"max_tokens":1024,"temperature":0.7,"messages":[`...)
-	const (
-		suffix   = `]}`
-		maxChunk = 16 << 10 // one message's content at most
-	)
+	return appendMessages(buf, size, `]}`)
+}
+
+// ChatBodyModelLast is ChatBody with "model" after the messages, where the
+// OpenAI and Anthropic SDKs put it: a server that looks for "model" from
+// the start of the body walks all of it first.
+func ChatBodyModelLast(model string, size int) []byte {
+	m, _ := json.Marshal(model)
+	suffix := `],"model":` + string(m) + `}`
+	buf := make([]byte, 0, size+64)
+	buf = append(buf, `{"stream":true,"max_tokens":1024,"temperature":0.7,"messages":[`...)
+	return appendMessages(buf, size, suffix)
+}
+
+// appendMessages fills buf with messages up to size bytes in all, then
+// appends suffix (which closes the messages array and the object).
+func appendMessages(buf []byte, size int, suffix string) []byte {
+	const maxChunk = 16 << 10 // one message's content at most
 	roles := []string{"system", "user", "assistant"}
 	w := 0 // word cursor, so every body of a size is the same
 	for i := 0; ; i++ {

@@ -18,6 +18,10 @@ type ReportOptions struct {
 	// LoadBefore is LoadAverage() taken before the run: on a shared
 	// machine, other work skews every number.
 	LoadBefore string
+	// Baseline, when set, names a server of the run (an earlier build of
+	// the server under test, say) that every row is also compared with:
+	// p50, p99 and CPU as ratios to its figures in the same cell.
+	Baseline string
 }
 
 type cellKey struct {
@@ -27,7 +31,8 @@ type cellKey struct {
 }
 
 // Write prints the results as an aligned text table or a markdown table,
-// with the ratios against the trivial and sjson servers of the same cell.
+// with the ratios against the trivial and sjson servers of the same cell,
+// and against opt.Baseline when set.
 func Write(w io.Writer, results []Result, opt ReportOptions) error {
 	base := map[cellKey]map[string]*Result{}
 	for i := range results {
@@ -40,6 +45,9 @@ func Write(w io.Writer, results []Result, opt ReportOptions) error {
 	}
 	header := []string{"server", "body", "model", "conc", "requests", "errors", "body sent back", "p50", "p99", "mean", "req/s",
 		"CPU/req", "allocs/req", "B/req", "p50 ×trivial", "p99 ×trivial", "CPU ×trivial", "Δallocs vs trivial", "p50 ×sjson", "p99 ×sjson"}
+	if opt.Baseline != "" {
+		header = append(header, "p50 ×"+opt.Baseline, "p99 ×"+opt.Baseline, "CPU ×"+opt.Baseline)
+	}
 	rows := [][]string{}
 	for i := range results {
 		r := &results[i]
@@ -56,11 +64,19 @@ func Write(w io.Writer, results []Result, opt ReportOptions) error {
 		if r.HasAllocs {
 			allocs, bytes = fmt.Sprintf("%.0f", r.AllocsPerRequest()), fmtBytes(r.BytesPerRequest())
 		}
-		row := []string{r.Server, FormatSize(r.BodySize), r.Model, fmt.Sprint(r.Concurrency), fmt.Sprint(r.Requests), errs, bodyBack(r),
+		size := FormatSize(r.BodySize)
+		if r.ModelLast {
+			size += ", model last"
+		}
+		row := []string{r.Server, size, r.Model, fmt.Sprint(r.Concurrency), fmt.Sprint(r.Requests), errs, bodyBack(r),
 			fmtDur(r.P50), fmtDur(r.P99), fmtDur(r.Mean), fmt.Sprintf("%.0f", r.Throughput), cpu, allocs, bytes}
 		t, s := cell[NameTrivial], cell[NameSJSON]
 		row = append(row, latRatio(r, t, p50), latRatio(r, t, p99), cpuRatio(r, t), allocDelta(r, t),
 			latRatio(r, s, p50), latRatio(r, s, p99))
+		if opt.Baseline != "" {
+			b := cell[opt.Baseline]
+			row = append(row, latRatio(r, b, p50), latRatio(r, b, p99), cpuRatio(r, b))
+		}
 		rows = append(rows, row)
 	}
 

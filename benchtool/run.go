@@ -43,6 +43,9 @@ type Config struct {
 	Rounds int
 	// ResponseHeaders also sends response_headers after the body reply.
 	ResponseHeaders bool
+	// ModelLast puts "model" after the messages (ChatBodyModelLast), as
+	// the OpenAI and Anthropic SDKs send it, instead of first.
+	ModelLast bool
 	// Path is the request :path (default /v1/chat/completions).
 	Path string
 	// Timeout bounds one request (default 10s).
@@ -88,6 +91,7 @@ func (c *Config) defaults() error {
 type Result struct {
 	Server      string
 	BodySize    int
+	ModelLast   bool // "model" after the messages (Config.ModelLast)
 	Model       string
 	Concurrency int
 
@@ -180,7 +184,11 @@ func Run(ctx context.Context, cfg Config, servers []*Server) ([]Result, error) {
 	var results []Result
 	for _, size := range cfg.BodySizes {
 		for _, model := range cfg.Models {
-			req := &request{path: cfg.Path, body: ChatBody(model, size), responseHeaders: cfg.ResponseHeaders, timeout: cfg.Timeout}
+			body := ChatBody(model, size)
+			if cfg.ModelLast {
+				body = ChatBodyModelLast(model, size)
+			}
+			req := &request{path: cfg.Path, body: body, responseHeaders: cfg.ResponseHeaders, timeout: cfg.Timeout}
 			for _, conc := range cfg.Concurrency {
 				cell, err := runCell(ctx, &cfg, servers, clients, req, model, conc)
 				results = append(results, cell...)
@@ -197,7 +205,7 @@ func runCell(ctx context.Context, cfg *Config, servers []*Server, clients []extp
 	req *request, model string, conc int) ([]Result, error) {
 	acc := make([]*accum, len(servers))
 	for i, s := range servers {
-		acc[i] = &accum{res: Result{Server: s.Name, BodySize: len(req.body), Model: model, Concurrency: conc}}
+		acc[i] = &accum{res: Result{Server: s.Name, BodySize: len(req.body), ModelLast: cfg.ModelLast, Model: model, Concurrency: conc}}
 		if cfg.Warmup > 0 {
 			warm := &accum{}
 			segment(ctx, cfg, s, clients[i], req, conc, cfg.Warmup, 0, warm)

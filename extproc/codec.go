@@ -21,8 +21,9 @@ import (
 // same few headers every time, and for a rewritten body it is a copy of the
 // whole body (after the copy that built it). Here the parts that depend only
 // on the target are encoded once and cached, and a rewritten body is never
-// built: the reply is the request body itself, cut around the model value,
-// between an encoded prefix and suffix. gRPC writes the pieces out in order.
+// built whole: the reply is an encoded prefix ending with sjson's rewrite
+// of the body up to the model value, then the request body itself from
+// there on, then an encoded suffix. gRPC writes the pieces out in order.
 
 // encoded is one ProcessingResponse in wire format, as pieces written in
 // order. Its buffers are never modified once handed to gRPC, which writes
@@ -101,26 +102,41 @@ type rewriteTemplate struct {
 	setHeaders []byte // HeaderMutation.set_headers entries for the target's headers
 	model      []byte // the target's model id as a JSON string
 	tail       []byte // the rest of CommonResponse after the body: clear_route_cache
+	// modelPiece and tailPiece are model and tail as reply pieces, made
+	// once: shared by every reply, never modified, and freeing them (gRPC
+	// does, once written) does nothing.
+	modelPiece, tailPiece mem.Buffer
 }
 
 // newRewriteTemplate encodes what surrounds the body in a reply that routes
 // with the set headers and a body whose model becomes model.
 func newRewriteTemplate(set []*corev3.HeaderValueOption, model string, md *extprocv3.ProcessingResponse) rewriteTemplate {
-	return rewriteTemplate{
+	t := rewriteTemplate{
 		metadata:   mustMarshal(md),
 		setHeaders: mustMarshal(&extprocv3.HeaderMutation{SetHeaders: set}),
 		model:      reqbody.Quote(model),
 		tail:       mustMarshal(&extprocv3.CommonResponse{ClearRouteCache: true}),
 	}
+	t.modelPiece, t.tailPiece = mem.SliceBuffer(t.model), mem.SliceBuffer(t.tail)
+	return t
 }
 
-// rewrite encodes the body reply that sends msg's body with body[start:end]
-// (the model value) replaced by the template's model, and the template's
-// headers plus content-length. A large body is not copied: the reply
-// references msg's receive buffer around the model value. A small one is
-// copied into the one buffer of the reply, which is cheaper than the
-// references.
-func (t *rewriteTemplate) rewrite(msg *received, body []byte, start, end int) *encoded {
+// rewrite encodes the body reply that sends msg's body with its model m
+// replaced by the template's model, and the template's headers plus
+// content-length.
+//
+// sjson writes the new model (reqbody.AppendRewrite): the body up to the
+// end of the model value is copied into the reply's first buffer, after the
+// encoded heads, and sjson rewrites it there (in place when the new value
+// is not longer). The rest of a large body is not copied: the reply
+// references msg's receive buffer from the end of the model value on. A
+// small body is copied whole into that one buffer, which is cheaper than
+// the references. A model that is not Near (far into the body: the SDKs
+// send it last) is spliced instead, so nothing walks or copies the body up
+// to it: the receive buffer before the value, the quoted id, the receive
+// buffer after it.
+func (t *rewriteTemplate) rewrite(msg *received, body []byte, m reqbody.Model) *encoded {
+	start, end := m.Span()
 	n := len(body) - (end - start) + len(t.model)
 	cl := strconv.Itoa(n)
 	// content-length is one more HeaderMutation.set_headers entry.
@@ -132,10 +148,15 @@ func (t *rewriteTemplate) rewrite(msg *received, body []byte, start, end int) *e
 	br := lenField(numBodyResponse, cr)
 
 	// Everything up to the first body byte: the heads of the nested fields
-	// (each head is at most a 1-byte tag and a 5-byte length) and headers.
+	// (each head is at most a 1-byte tag and a 5-byte length) and headers;
+	// then room for what sjson rewrites (it copies body[:end] first), or
+	// for a small body the whole of it.
 	size := len(t.metadata) + 8*6 + len(t.setHeaders) + len(headerContentLength) + len(cl)
-	if msg.buf == nil {
-		size += n + len(t.tail)
+	switch {
+	case msg.buf == nil:
+		size += max(n, end) + len(t.tail)
+	case m.Near():
+		size += max(end, start+len(t.model))
 	}
 	p := make([]byte, 0, size)
 	p = append(p, t.metadata...)
@@ -149,12 +170,19 @@ func (t *rewriteTemplate) rewrite(msg *received, body []byte, start, end int) *e
 	p = append(appendLenHead(p, numHeaderRawValue, len(cl)), cl...)
 	p = appendLenHead(p, numBodyMutation, bm)
 	p = appendLenHead(p, numBody, n)
+	p, rewritten := reqbody.AppendRewrite(p, body, m, t.model)
 	if msg.buf == nil {
-		p = append(append(append(append(p, body[:start]...), t.model...), body[end:]...), t.tail...)
+		if !rewritten {
+			p = append(append(p, body[:start]...), t.model...)
+		}
+		p = append(append(p, body[end:]...), t.tail...)
 		return &encoded{pieces: mem.BufferSlice{mem.SliceBuffer(p)}}
 	}
+	if rewritten {
+		return &encoded{pieces: mem.BufferSlice{mem.SliceBuffer(p), msg.piece(end, len(body)), t.tailPiece}}
+	}
 	return &encoded{pieces: mem.BufferSlice{
-		mem.SliceBuffer(p), msg.piece(0, start), mem.SliceBuffer(t.model), msg.piece(end, len(body)), mem.SliceBuffer(t.tail),
+		mem.SliceBuffer(p), msg.piece(0, start), t.modelPiece, msg.piece(end, len(body)), t.tailPiece,
 	}}
 }
 

@@ -477,17 +477,16 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 }
 
 // route returns the body reply that sends the request to t: the routing
-// headers, and for an alias the body with the model rewritten and its
-// content-length (Envoy keeps the client's content-length in BUFFERED mode
-// and rejects a body whose length differs from it). The body is sent back
-// only when it changed; it is never copied (codec.go).
+// headers, and for an alias the body with the model rewritten by sjson and
+// its content-length (Envoy keeps the client's content-length in BUFFERED
+// mode and rejects a body whose length differs from it). The body is sent
+// back only when it changed; a large one is never copied (codec.go).
 func (st *stream) route(msg *received, body []byte, m reqbody.Model, t *routing.Target, value string) *encoded {
 	st.parts = st.srv.parts.get(st.srv.opt.Upstream, t, value)
 	if t.Model == m.ID {
 		return st.parts.routed
 	}
-	start, end := m.Span()
-	return st.parts.rewrite.rewrite(msg, body, start, end)
+	return st.parts.rewrite.rewrite(msg, body, m)
 }
 
 // decided reports the decision and renders an error, if any.

@@ -1,18 +1,21 @@
 // Package reqbody reads and rewrites the "model" of an OpenAI- or
-// Anthropic-shaped JSON request body without decoding the rest, in one
-// pass over the body, and splices a new model value into the original
-// bytes, so every byte outside the model string is kept exactly.
+// Anthropic-shaped JSON request body without decoding the rest: a strict
+// one-pass validator checks the body, gjson reads the model (its value and,
+// through Result.Index and Raw, where it is), and sjson writes the new
+// model into a buffer of ours, so every byte outside the model string is
+// kept exactly and the body itself is never copied.
 //
 // # What is checked, and what is left to the neuron
 //
 // The body can be megabytes of chat history, and it is read on every
-// request, so the pass is built for speed (BenchmarkScan):
+// request, so the validator is built for speed (BenchmarkScan):
 //
 //   - The JSON structure is checked strictly: objects, arrays, commas,
 //     colons, numbers, literals, nothing after the value.
 //   - Every key, and the top-level "model" value, is checked strictly as a
 //     JSON string (escapes, no control characters): keys are compared with
-//     "model" and the model value is decoded and routed on.
+//     "model" in any letter case, so a second one is refused, and the
+//     model value is what is routed on.
 //   - Every other string is only skipped to its closing quote: an escaped
 //     quote (one after an odd run of backslashes) does not end it. Its
 //     content is not checked: raw control characters, unknown escape
@@ -25,6 +28,20 @@
 // routed, and the neuron's own (conforming) JSON parser refuses it with its
 // 400; so does nesting deeper than that parser allows. FuzzValid pins this
 // against encoding/json.
+//
+// # gjson and sjson
+//
+// The validator guarantees there is exactly one top-level "model" key, so
+// gjson (which takes the first) and any parser that takes the last, or
+// ignores case, read the same one; Find also checks that gjson found the
+// value exactly where the validator did. gjson and sjson find "model" by
+// walking the body from its start, at about 1.6 GB/s on chat text against
+// the validator's 4–7 GB/s; most clients put "model" first, where that walk
+// is a few bytes. When it comes later (the OpenAI and Anthropic SDKs send
+// it after the messages) the walk would cost up to 0.65 ms per MB twice
+// over (BENCHMARKS.md, "gjson and sjson on the request path"), so past
+// NearLimit bytes gjson reads the value at the validator's span instead of
+// searching for it, and the rewrite is a splice (Model.Near).
 package reqbody
 
 import (
@@ -33,6 +50,9 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/tidwall/gjson"
+	"github.com/tidwall/sjson"
+
 	"github.com/helexa/cortex-extproc/apierr"
 )
 
@@ -40,21 +60,32 @@ import (
 // log line, a metric or a neuron URL.
 const MaxModelLen = 256
 
+// NearLimit is how far into a body gjson searches for "model" and sjson
+// rewrites it: a model value ending within the first NearLimit bytes is
+// near (Model.Near). Every client that sends "model" first is near; the
+// bound keeps the walk to the model, which gjson and sjson each make, under
+// a microsecond, and the region sjson rewrites small.
+const NearLimit = 512
+
 // Model is the top-level "model" of body plus where its raw JSON value sits.
 type Model struct {
-	ID    string // unescaped value
+	ID    string // unescaped value (gjson's Result.Str)
 	start int    // offset of the raw JSON string (with quotes) in the body
 	end   int
+	near  bool // end <= NearLimit: gjson found it, sjson rewrites it
 }
 
 // Find returns the body's top-level "model". The body must be a JSON object
 // whose model is a non-empty string of at most MaxModelLen printable
 // characters; anything else is a 400 saying what was wrong.
 //
-// Find reads the body once. It checks the JSON structure, every key and
-// the model value strictly, but not the content of the other strings (see
-// the package doc): a body whose only fault is, say, a raw tab inside a
-// message is accepted here and refused by the neuron's JSON parser.
+// The validator reads the body once. It checks the JSON structure, every
+// key and the model value strictly, but not the content of the other
+// strings (see the package doc): a body whose only fault is, say, a raw tab
+// inside a message is accepted here and refused by the neuron's JSON
+// parser. Then gjson reads the model: it searches the body for it when it
+// is near the start (Model.Near), and otherwise reads the value where the
+// validator found it, which saves a second walk over the whole body.
 func Find(body []byte) (Model, *apierr.Error) {
 	if len(body) == 0 {
 		return Model{}, apierr.InvalidRequest("request body is empty: send a JSON object with a \"model\" field")
@@ -78,28 +109,28 @@ func Find(body []byte) (Model, *apierr.Error) {
 	if s.models > 1 {
 		return Model{}, apierr.InvalidRequest("request body has more than one \"model\" field; send exactly one")
 	}
-	id, ok := decodeString(body[s.start:s.end])
-	if !ok { // not reached: strictString accepts what encoding/json does
-		return Model{}, apierr.InvalidRequest("request body is not valid JSON: send a JSON object with a \"model\" field")
+	m := Model{start: s.start, end: s.end, near: s.end <= NearLimit}
+	var r gjson.Result
+	if m.near {
+		r = gjson.GetBytes(body, "model")
+	} else {
+		r = gjson.ParseBytes(body[s.start:s.end])
+		r.Index = s.start
 	}
-	if err := CheckID(id); err != nil {
+	// Not reached (FuzzValid, FuzzFindRewrite): on the bodies the validator
+	// accepts, gjson finds the same value. Were it ever to read another,
+	// the body would mean two things; refuse it rather than route on one.
+	if r.Type != gjson.String || r.Index != s.start || len(r.Raw) != s.end-s.start {
+		return Model{}, apierr.InvalidRequest("request body's \"model\" could not be read unambiguously; send it as a plain JSON string")
+	}
+	// gjson unescapes as encoding/json does, and leaves bytes that are not
+	// UTF-8 as they are, so CheckID refuses them (encoding/json would
+	// quietly turn them into U+FFFD).
+	m.ID = r.Str
+	if err := CheckID(m.ID); err != nil {
 		return Model{}, err
 	}
-	return Model{ID: id, start: s.start, end: s.end}, nil
-}
-
-// decodeString unescapes a quoted JSON string that strictString accepted.
-// Without a backslash the content is the value: one allocation. Content
-// that is not UTF-8 is returned raw, so that CheckID refuses it, where
-// encoding/json would quietly turn it into U+FFFD.
-func decodeString(quoted []byte) (string, bool) {
-	raw := quoted[1 : len(quoted)-1]
-	if bytes.IndexByte(raw, '\\') < 0 || !utf8.Valid(raw) {
-		return string(raw), true
-	}
-	var s string
-	err := json.Unmarshal(quoted, &s)
-	return s, err == nil
+	return m, nil
 }
 
 // CheckID refuses model ids that are empty, too long, not UTF-8, or carry
@@ -168,13 +199,52 @@ func invalidID(format string, args ...any) *apierr.Error {
 // body: body[start:end].
 func (m Model) Span() (start, end int) { return m.start, m.end }
 
-// Splice returns body with the model value replaced by id, in three
-// pieces to be sent one after the other, so the rewritten body is never
-// built: before and after alias body (no copy; before's capacity ends at
-// the model value, so appending to it cannot overwrite body), and value is
-// Quote(id).
-func Splice(body []byte, m Model, id string) (before, value, after []byte) {
-	return body[:m.start:m.start], Quote(id), body[m.end:]
+// Near reports whether the model value ends within the first NearLimit
+// bytes of the body: gjson found it by searching the body, and
+// AppendRewrite can have sjson rewrite it.
+func (m Model) Near() bool { return m.near }
+
+// inPlace: sjson finds "model" with gjson's lookup (Optimistic) and writes
+// the new value into the buffer it is given (ReplaceInPlace) when it fits.
+var inPlace = sjson.Options{Optimistic: true, ReplaceInPlace: true}
+
+// AppendRewrite appends to dst the beginning of the rewritten body: body up
+// to the end of the model value, with the value replaced by value (a JSON
+// string, as Quote makes it). The rewritten body is what it appended
+// followed by body[end:], with end from Span; body is neither modified nor
+// retained.
+//
+// The bytes are copied into dst and sjson (SetRawBytesOptions, Optimistic
+// and ReplaceInPlace) writes the new value into that copy: in place when it
+// is not longer than the old one, otherwise into a buffer of its own that
+// is then appended; dst needs room for max(end, start+len(value)) more
+// bytes to avoid growing. ok is false, and dst is returned as it was, for a
+// model that is not Near: rewriting there would copy and walk the body up
+// to the model, so the caller splices value between body[:start] and
+// body[end:] instead.
+func AppendRewrite(dst, body []byte, m Model, value []byte) (out []byte, ok bool) {
+	if !m.near {
+		return dst, false
+	}
+	return appendRewrite(dst, body, m, value)
+}
+
+// appendRewrite is AppendRewrite for a model at any distance (the fuzz
+// target holds it to the splice everywhere).
+func appendRewrite(dst, body []byte, m Model, value []byte) ([]byte, bool) {
+	h := len(dst)
+	dst = append(dst, body[:m.end]...)
+	w, err := sjson.SetRawBytesOptions(dst[h:], "model", value, &inPlace)
+	// sjson's lookup is gjson's, which Find already held to the validator,
+	// so it rewrites the same value; checked all the same, as a mistake
+	// here would send a neuron a body that is not the client's.
+	if err != nil || len(w) != m.start+len(value) || !bytes.Equal(w[m.start:], value) || !bytes.Equal(w[:m.start], body[:m.start]) {
+		return dst[:h], false
+	}
+	if &w[0] == &dst[h] { // written in place
+		return dst[:h+len(w)], true
+	}
+	return append(dst[:h], w...), true
 }
 
 // Quote renders id as the JSON string that replaces a model value.

@@ -11,8 +11,8 @@ import (
 )
 
 // FuzzFindRewrite feeds arbitrary bodies and replacement ids to Find and
-// Splice (the rewrite). What must hold for every input (FUZZING.md has the
-// long runs):
+// AppendRewrite (the rewrite). What must hold for every input (FUZZING.md
+// has the long runs):
 //   - none panics;
 //   - Find accepts only a JSON object whose top-level "model" is a string
 //     that passes CheckID, and its ID is exactly that string as an
@@ -20,9 +20,14 @@ import (
 //     the body is valid JSON, or encoding/json refuses it only for a fault
 //     inside a string Find does not check (left to the neuron, see the
 //     package doc);
-//   - Splice's pieces alias the body, and joined they change nothing but
-//     the model value: every byte before and after the span is kept, the
-//     result is as valid as the body, and Find on it returns the new id.
+//   - Find's Near is where the value ends; for a Near model gjson found it
+//     where the validator did;
+//   - the rewrite, as the reply builds it (sjson's AppendRewrite for a
+//     Near model, the splice otherwise), changes nothing but the model
+//     value: every byte before and after the span is kept, the result is
+//     as valid as the body, and Find on it returns the new id. sjson's
+//     rewrite gives the same bytes at any distance, and never writes into
+//     the body or into the caller's bytes before what it appends.
 func FuzzFindRewrite(f *testing.F) {
 	seeds := []struct{ body, id string }{
 		{`{"model":"helexa/small","messages":[{"role":"user","content":"hi"}]}`, "Qwen/Qwen3-1.7B"},
@@ -70,6 +75,11 @@ func FuzzFindRewrite(f *testing.F) {
 		{`{"model":"m","k\q":1}`, "z"},
 		{`{"model":"m","mod\u0065l":"n"}`, "z"},
 		{"{\"model\":\"\\u0041\xff\"}", "z"},
+		// Past NearLimit: gjson reads the value at the validator's span.
+		{`{"messages":[{"content":"` + strings.Repeat(`a \"model\": \"x\" `, 40) + `"}],"model":"helexa/small"}`, "Qwen/Qwen3-1.7B"},
+		{`{"c":"` + strings.Repeat("x", NearLimit-30) + `","model":"helexa/small"}`, "Qwen/Qwen3-8B"},
+		{`{"c":"` + strings.Repeat("x", NearLimit-29) + `","model":"helexa/small"}`, "Qwen/Qwen3-8B"},
+		{`{"c":"` + strings.Repeat(`\\`, NearLimit) + `","m\u006fdel":"a\u00e9\"b"}`, "é"},
 	}
 	for _, s := range seeds {
 		f.Add([]byte(s.body), s.id)
@@ -115,21 +125,37 @@ func FuzzFindRewrite(f *testing.F) {
 			t.Fatalf("Find ID %q, encoding/json sees %d model keys, the last %q", m.ID, n, v)
 		}
 
-		// Splice in an arbitrary replacement. Only ids that CheckID
-		// accepts ever reach Splice in production (catalogue ids and
-		// requested ids), but the splice must hold for any valid UTF-8.
+		if m.Near() != (m.end <= NearLimit) {
+			t.Fatalf("Near %v for a value ending at %d", m.Near(), m.end)
+		}
+		if r := gjson.GetBytes(body, "model"); m.Near() && (r.Index != m.start || r.Raw != string(body[m.start:m.end])) {
+			t.Fatalf("Find's span [%d,%d), gjson's value %q at %d", m.start, m.end, r.Raw, r.Index)
+		}
+
+		// Rewrite with an arbitrary replacement. Only ids that CheckID
+		// accepts ever reach the rewrite in production (catalogue ids and
+		// requested ids), but it must hold for any valid UTF-8.
 		if !utf8.ValidString(newID) {
 			return
 		}
-		before, value, after := Splice(body, m, newID)
-		if len(before) > 0 && &before[0] != &body[0] || len(after) > 0 && &after[len(after)-1] != &body[len(body)-1] {
-			t.Fatal("Splice copied the body instead of slicing it")
+		q := Quote(newID)
+		want := bytes.Join([][]byte{body[:m.start], q, body[m.end:]}, nil)
+		dst := []byte("PFX")
+		head, ok := AppendRewrite(dst, body, m, q)
+		if ok != m.Near() || string(head[:3]) != "PFX" || (!ok && len(head) != 3) {
+			t.Fatalf("AppendRewrite ok %v for Near %v, head %q", ok, m.Near(), head)
 		}
-		out := joined(before, value, after)
+		out := want
+		if ok {
+			out = append(bytes.Clone(head[3:]), body[m.end:]...)
+		}
+		if forced, ok := appendRewrite([]byte("PFX"), body, m, q); !ok || string(forced[:3]) != "PFX" ||
+			!bytes.Equal(append(forced[3:], body[m.end:]...), want) {
+			t.Fatalf("sjson's rewrite %q (ok %v) differs from the splice %q", forced, ok, want)
+		}
 		if !bytes.Equal(body, orig) {
-			t.Fatal("Splice modified its input")
+			t.Fatal("the rewrite modified its input")
 		}
-		q, _ := json.Marshal(newID)
 		if len(out) != len(body)-(m.end-m.start)+len(q) {
 			t.Fatalf("rewritten length %d, want %d", len(out), len(body)-(m.end-m.start)+len(q))
 		}

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/tidwall/gjson"
 )
 
 // findOK runs Find on body and fails unless it routes on want.
@@ -43,10 +45,17 @@ func TestFindModelLastAfterLargeMessages(t *testing.T) {
 	}
 	body := `{"messages":[` + strings.Join(msgs, ",") + `],"stream":true,"model":"helexa/small"}`
 	m := findOK(t, body, "helexa/small")
-	out := joined(Splice([]byte(body), m, "Qwen/Qwen3-8B"))
+	if m.Near() {
+		t.Fatal("a model after 100 KB of messages is Near")
+	}
 	want := strings.Replace(body, `"model":"helexa/small"`, `"model":"Qwen/Qwen3-8B"`, 1)
-	if string(out) != want {
+	if out := rewritten([]byte(body), m, "Qwen/Qwen3-8B"); string(out) != want {
 		t.Fatalf("rewrite changed more than the model value")
+	}
+	// sjson rewrites it just the same when asked to walk that far.
+	head, ok := appendRewrite(nil, []byte(body), m, Quote("Qwen/Qwen3-8B"))
+	if _, end := m.Span(); !ok || string(head)+body[end:] != want {
+		t.Fatalf("sjson's rewrite of a far model changed more than the model value")
 	}
 }
 
@@ -146,27 +155,127 @@ func TestFindModelKinds(t *testing.T) {
 	findErr(t, `{"model":"a\r\nx-cortex-cluster: evil"}`, "control character")
 }
 
-func TestSpliceAliasesBody(t *testing.T) {
-	body := []byte(`{"model":"helexa/small","messages":[]}`)
-	orig := bytes.Clone(body)
-	m := findOK(t, string(body), "helexa/small")
-	if m.start != bytes.Index(body, []byte(`"helexa`)) || m.end != bytes.Index(body, []byte(`,"messages`)) {
-		t.Fatalf("span [%d,%d) is not the quoted model value", m.start, m.end)
-	}
-	before, value, after := Splice(body, m, `Qwen/"8B"`)
-	if string(before) != `{"model":` || string(value) != `"Qwen/\"8B\""` || string(after) != `,"messages":[]}` {
-		t.Fatalf("pieces %q %q %q", before, value, after)
-	}
-	if &before[0] != &body[0] || &after[0] != &body[m.end] {
-		t.Fatal("before/after are copies, not slices of the body")
-	}
-	_ = append(before, "XXXX"...) // must not write into body
-	if !bytes.Equal(body, orig) {
-		t.Fatalf("appending to before changed the body: %q", body)
+// sjson writes the new model into the caller's buffer: in place when the
+// new value is not longer than the old (no allocation at all), into its own
+// buffer otherwise; either way the body is neither modified nor copied past
+// the model, and what follows it is the caller's to send from the body.
+func TestAppendRewrite(t *testing.T) {
+	for _, c := range []struct{ old, id, how string }{
+		{"helexa/balanced", "Qwen/Qwen3-8B", "shorter"},
+		{"helexa/qwen8b", "Qwen/Qwen3-8B", "same length"},
+		{"helexa/small", "Qwen/Qwen3-1.7B", "longer"},
+		{"helexa/small", `Qwen/"8B"`, "escaped"},
+	} {
+		t.Run(c.how, func(t *testing.T) {
+			body := []byte(`{"model":"` + c.old + `","messages":[{"role":"user","content":"hi"}]}`)
+			orig := bytes.Clone(body)
+			m := findOK(t, string(body), c.old)
+			if !m.Near() {
+				t.Fatal("a model first in the body is not Near")
+			}
+			start, end := m.Span()
+			if start != bytes.IndexByte(body, ':')+1 || string(body[start:end]) != `"`+c.old+`"` {
+				t.Fatalf("span [%d,%d) is not the quoted model value", start, end)
+			}
+			value := Quote(c.id)
+			dst := make([]byte, 3, 3+max(end, start+len(value)))
+			copy(dst, "PFX")
+			out, ok := AppendRewrite(dst, body, m, value)
+			if !ok {
+				t.Fatal("AppendRewrite refused a Near model")
+			}
+			want := `PFX{"model":` + string(value)
+			if string(out) != want || &out[0] != &dst[0] {
+				t.Fatalf("AppendRewrite = %q (in the caller's buffer: %v), want %q", out, &out[0] == &dst[0], want)
+			}
+			if !bytes.Equal(body, orig) {
+				t.Fatalf("AppendRewrite changed the body: %q", body)
+			}
+			if got := string(out[3:]) + string(body[end:]); got != strings.Replace(string(body), `"`+c.old+`"`, string(value), 1) {
+				t.Fatalf("rewritten body %q", got)
+			}
+			allocs := testing.AllocsPerRun(100, func() { AppendRewrite(dst[:3], body, m, value) })
+			if inPlace := len(value) <= end-start; inPlace && allocs != 0 {
+				t.Errorf("%v allocations; sjson must write in place into the caller's buffer", allocs)
+			}
+		})
 	}
 }
 
-// joined is the body Envoy receives from Splice's pieces.
-func joined(before, value, after []byte) []byte {
-	return bytes.Join([][]byte{before, value, after}, nil)
+// Near is decided by where the model value ends; both sides of the bound
+// give the same body.
+func TestNearLimit(t *testing.T) {
+	for _, pad := range []int{0, 1} {
+		// {"a":"xxx…","model":"helexa/small"} with the value ending at
+		// NearLimit+pad.
+		tail := `","model":"helexa/small"`
+		fill := NearLimit + pad - len(`{"a":"`) - len(tail)
+		body := `{"a":"` + strings.Repeat("x", fill) + tail + `}`
+		m := findOK(t, body, "helexa/small")
+		if _, end := m.Span(); end != NearLimit+pad || m.Near() != (pad == 0) {
+			t.Fatalf("value ends at %d: Near %v", end, m.Near())
+		}
+		want := strings.Replace(body, `"helexa/small"`, `"Qwen/Qwen3-1.7B"`, 1)
+		if got := rewritten([]byte(body), m, "Qwen/Qwen3-1.7B"); string(got) != want {
+			t.Fatalf("pad %d: rewritten %q", pad, got)
+		}
+	}
+}
+
+// rewritten is the body Envoy receives for body with its model m replaced
+// by id, built as the reply does: sjson's rewrite and the rest of the
+// body, or for a model that is not Near the splice.
+func rewritten(body []byte, m Model, id string) []byte {
+	value := Quote(id)
+	start, end := m.Span()
+	if head, ok := AppendRewrite(nil, body, m, value); ok {
+		return append(head, body[end:]...)
+	}
+	return bytes.Join([][]byte{body[:start], value, body[end:]}, nil)
+}
+
+// BenchmarkRewrite is Find plus the rewrite to a longer id on a 1 MB chat
+// body, as the reply makes it, with "model" first (sjson rewrites the body
+// up to it) and last (the splice, which writes nothing: the reply
+// references the body around the value). walk-last is what gjson and sjson would
+// cost were they to find a model sent last themselves: gjson.GetBytes and
+// sjson's own lookup each walk the whole body, and sjson's region is the
+// whole body (BENCHMARKS.md, "gjson and sjson on the request path").
+func BenchmarkRewrite(b *testing.B) {
+	value := Quote("Qwen/Qwen3-30B-A3B-Instruct")
+	first, last := benchBody(1<<20, true, false), benchBody(1<<20, true, true)
+	dst := make([]byte, 0, 2<<20)
+	for _, c := range []struct {
+		name string
+		body []byte
+		run  func(body []byte, m Model) []byte
+	}{
+		{"first", first, func(body []byte, m Model) []byte {
+			out, _ := AppendRewrite(dst, body, m, value)
+			return out
+		}},
+		{"last", last, func(body []byte, m Model) []byte {
+			// Not Near: nothing to write here; the reply references the
+			// body around the value.
+			out, _ := AppendRewrite(dst, body, m, value)
+			return out
+		}},
+		{"walk-last", last, func(body []byte, m Model) []byte {
+			_ = gjson.GetBytes(body, "model")
+			out, _ := appendRewrite(dst, body, m, value)
+			return out
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			b.SetBytes(int64(len(c.body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				m, err := Find(c.body)
+				if err != nil {
+					b.Fatal(err.Message)
+				}
+				c.run(c.body, m)
+			}
+		})
+	}
 }

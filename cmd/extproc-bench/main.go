@@ -6,6 +6,12 @@
 //
 //	extproc-bench --self --trivial --sjson-baseline --ab --body-size 2KB,1MB --concurrency 1,16,64 --markdown
 //	extproc-bench --target 127.0.0.1:9002 --target-pid $(pidof cortex-extproc) --trivial --ab --model helexa/balanced
+//
+// Two builds of the server, each in its own process (BENCHMARKS.md has the
+// whole recipe):
+//
+//	extproc-bench --serve --self            # prints self=127.0.0.1:PORT@PID, serves until interrupted
+//	extproc-bench --target old=ADDR@PID,new=ADDR@PID --baseline old --ab --markdown
 package main
 
 import (
@@ -14,6 +20,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/signal"
 	"runtime/pprof"
@@ -27,7 +34,9 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return
 		}
@@ -36,13 +45,17 @@ func main() {
 	}
 }
 
-func run(args []string, stdout, stderr io.Writer) error {
+// run is the command; ctx ends at Ctrl-C or SIGTERM.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("extproc-bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
-		target     = fs.String("target", "", "host:port of an ext_proc gRPC server to benchmark (e.g. a running cortex-extproc)")
-		targetName = fs.String("target-name", benchtool.NameTarget, "name of --target in the table")
-		targetPID  = fs.Int("target-pid", 0, "pid of the --target process, to report its CPU per request from /proc/PID/stat (same machine only)")
+		target     = fs.String("target", "", "ext_proc gRPC servers to benchmark (e.g. a running cortex-extproc): host:port, or a comma-separated list of name=host:port[@pid]")
+		targetName = fs.String("target-name", benchtool.NameTarget, "name of a single --target host:port in the table")
+		targetPID  = fs.Int("target-pid", 0, "pid of a single --target host:port process, to report its CPU per request from /proc/PID/stat (same machine only)")
+		baseline   = fs.String("baseline", "", "name of a server of the run to compare every row with (p50, p99, CPU ratios), e.g. an earlier build given as --target old=…")
+		serveOnly  = fs.Bool("serve", false, "start the servers chosen with --self, --trivial, --sjson-baseline, print each as name=host:port@pid (--target's syntax) and serve until interrupted; no client")
+		modelLast  = fs.Bool("model-last", false, "put \"model\" after the messages, as the OpenAI and Anthropic SDKs send it (default: first)")
 		self       = fs.Bool("self", false, "start cortex-extproc's own ext_proc server in-process over a fake fleet (--nodes × --models-per-node, aliases "+aliasList()+")")
 		trivial    = fs.Bool("trivial", false, "start a trivial in-process server that answers CONTINUE to everything: the baseline")
 		sjsonBase  = fs.Bool("sjson-baseline", false, "start a naive in-process server (gjson + default sjson.SetBytes + header and body mutation): the reference")
@@ -83,6 +96,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		Timeout:         *timeout,
 		Progress:        stderr,
 		Models:          splitList(*models),
+		ModelLast:       *modelLast,
 	}
 	if *ab {
 		cfg.Rounds = *rounds
@@ -104,12 +118,6 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if *targetPID != 0 && *target == "" {
 		return errors.New("--target-pid needs --target")
 	}
-	if *targetPID != 0 {
-		if _, err := benchtool.ProcCPU(*targetPID); err != nil {
-			return err
-		}
-	}
-
 	var servers []*benchtool.Server
 	defer func() {
 		for _, s := range servers {
@@ -117,7 +125,14 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}()
 	if *target != "" {
-		servers = append(servers, benchtool.External(*targetName, *target, *targetPID))
+		targets, err := parseTargets(*target, *targetName, *targetPID)
+		if err != nil {
+			return err
+		}
+		servers = append(servers, targets...)
+	}
+	if *serveOnly && len(servers) > 0 {
+		return errors.New("--serve starts servers for another extproc-bench to drive; it takes no --target")
 	}
 	start := func(enabled bool, f func() (*benchtool.Server, error)) error {
 		if !enabled {
@@ -145,6 +160,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 		fs.Usage()
 		return errors.New("nothing to benchmark: give --target host:port and/or --self, --trivial, --sjson-baseline")
 	}
+	names := map[string]bool{}
+	for _, s := range servers {
+		if names[s.Name] {
+			return fmt.Errorf("two servers are named %q; name each --target differently", s.Name)
+		}
+		names[s.Name] = true
+	}
+	if *baseline != "" && !names[*baseline] {
+		return fmt.Errorf("--baseline %q is none of the servers of this run (%s)", *baseline, strings.Join(slices.Sorted(maps.Keys(names)), ", "))
+	}
+	if *serveOnly {
+		return serve(ctx, servers, stdout, stderr)
+	}
 
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
@@ -171,13 +199,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}()
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	load := benchtool.LoadAverage()
 	results, err := benchtool.Run(ctx, cfg, servers)
 	if len(results) > 0 {
 		cmd := "go run ./cmd/extproc-bench " + strings.Join(args, " ")
-		if werr := benchtool.Write(stdout, results, benchtool.ReportOptions{Markdown: *markdown, Command: cmd, LoadBefore: load}); werr != nil && err == nil {
+		if werr := benchtool.Write(stdout, results, benchtool.ReportOptions{Markdown: *markdown, Command: cmd, LoadBefore: load, Baseline: *baseline}); werr != nil && err == nil {
 			err = werr
 		}
 	}
@@ -185,6 +211,55 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return errors.New("interrupted; the table above has the cells measured so far")
 	}
 	return err
+}
+
+// parseTargets reads --target: a bare host:port (named name, with pid), or
+// a comma-separated list of name=host:port[@pid].
+func parseTargets(list, name string, pid int) ([]*benchtool.Server, error) {
+	if !strings.Contains(list, "=") {
+		if pid != 0 {
+			if _, err := benchtool.ProcCPU(pid); err != nil {
+				return nil, err
+			}
+		}
+		return []*benchtool.Server{benchtool.External(name, list, pid)}, nil
+	}
+	if pid != 0 {
+		return nil, errors.New("--target-pid is for a single --target host:port; in a list, give each pid as name=host:port@pid")
+	}
+	var out []*benchtool.Server
+	for _, item := range splitList(list) {
+		n, addr, ok := strings.Cut(item, "=")
+		if !ok || n == "" || addr == "" {
+			return nil, fmt.Errorf("--target %q: want name=host:port[@pid]", item)
+		}
+		p := 0
+		if a, ps, ok := strings.Cut(addr, "@"); ok {
+			var err error
+			if p, err = strconv.Atoi(ps); err != nil || p <= 0 {
+				return nil, fmt.Errorf("--target %q: the pid after @ must be a positive number", item)
+			}
+			if _, err := benchtool.ProcCPU(p); err != nil {
+				return nil, err
+			}
+			addr = a
+		}
+		out = append(out, benchtool.External(n, addr, p))
+	}
+	return out, nil
+}
+
+// serve prints each in-process server as --target's name=host:port@pid and
+// keeps them serving until ctx ends (the process is interrupted).
+func serve(ctx context.Context, servers []*benchtool.Server, stdout, stderr io.Writer) error {
+	var list []string
+	for _, s := range servers {
+		list = append(list, fmt.Sprintf("%s=%s@%d", s.Name, s.Addr, os.Getpid()))
+	}
+	fmt.Fprintln(stdout, strings.Join(list, ","))
+	fmt.Fprintln(stderr, "extproc-bench: serving until interrupted")
+	<-ctx.Done()
+	return nil
 }
 
 func splitList(s string) []string {
