@@ -58,6 +58,7 @@ type nodeView struct {
 	Cluster             string          `json:"cluster"`
 	Endpoint            string          `json:"endpoint"`
 	Healthy             bool            `json:"healthy"`
+	Suspect             bool            `json:"suspect"`
 	ConsecutiveFailures int             `json:"consecutive_failures"`
 	LastPoll            *time.Time      `json:"last_poll"`    // null before the first poll
 	LastSuccess         *time.Time      `json:"last_success"` // null until a /models poll succeeded
@@ -117,7 +118,7 @@ func (s *Service) debugFleet(w http.ResponseWriter, _ *http.Request) {
 
 func (s *Service) nodeView(n *fleet.Node, view *routing.Commitments) nodeView {
 	nv := nodeView{
-		Name: n.Name, Cluster: n.Cluster, Endpoint: n.Endpoint, Healthy: n.Healthy,
+		Name: n.Name, Cluster: n.Cluster, Endpoint: n.Endpoint, Healthy: n.Healthy, Suspect: n.Suspect,
 		ConsecutiveFailures: n.ConsecutiveFailures, LastPoll: timeOrNil(n.LastPoll), LastSuccess: timeOrNil(n.LastSuccess),
 		LastError: n.LastError, Devices: []deviceView{}, Models: []nodeModelView{},
 	}
