@@ -194,6 +194,7 @@ func (c *checker) checkHCM(path, lpath string, l *listenerv3.Listener, hcm *hcmv
 		if d := hcm.GetStreamIdleTimeout(); d != nil && d.AsDuration() != 0 && d.AsDuration() < c.minIdle {
 			c.addf(path+".stream_idle_timeout", "%s: no stream events happen while a request waits on a cold load, so Envoy answers 408; set at least %s", d.AsDuration(), c.minIdle)
 		}
+		c.checkLocalReplies(path, hcm)
 	}
 
 	usesClusterHeader := false

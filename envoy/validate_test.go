@@ -458,3 +458,67 @@ func TestBootstrapWithoutExtProcIsRejected(t *testing.T) {
 		t.Errorf("err = %v", err)
 	}
 }
+
+// cut removes base[from:to) where from and to are the first occurrences of
+// the two anchors (to searched after from), failing if either is absent.
+func cut(t *testing.T, base, from, to string) []byte {
+	t.Helper()
+	i := strings.Index(base, from)
+	if i < 0 {
+		t.Fatalf("cut anchor %q not in base config", from)
+	}
+	j := strings.Index(base[i:], to)
+	if j < 0 {
+		t.Fatalf("cut anchor %q not after %q in base config", to, from)
+	}
+	return []byte(base[:i] + base[i+j:])
+}
+
+// Envoy's own errors must reach clients as JSON in their SDK's shape, and
+// cortex-extproc's own JSON errors must pass the mappers unchanged: each
+// way of breaking local_reply_config names what clients would get and the
+// fix.
+func TestLocalReplyMappersAreRequired(t *testing.T) {
+	static := readFile(t, "envoy.yaml")
+	cases := []struct {
+		name string
+		yaml []byte
+		want []string
+	}{
+		{"no local_reply_config",
+			cut(t, static, "          # Envoy's own errors as JSON", "          access_log:"),
+			[]string{"typed_config.local_reply_config", "no mappers", "text/plain", "503 when a neuron cannot be reached"}},
+		{"the 504 mappers removed",
+			cut(t, static, "            # 504: a timer", "            # 413: the body"),
+			[]string{"local_reply_config.mappers", "no mapper matches Envoy's 504 (a timeout) for an OpenAI client", "for an Anthropic client", "text/plain"}},
+		{"the Anthropic shape lost for UF",
+			mutate(t, static, "                  type: error\n                  error:\n                    type: overloaded_error",
+				"                  error:\n                    type: overloaded_error\n                    code: upstream_unavailable"),
+			[]string{"local_reply_config.mappers[0]", "Envoy's 503 UF (the neuron cannot be reached) for an Anthropic client", `is not Anthropic's {"type":"error"`}},
+		{"a mapper matching every 503 by status",
+			mutate(t, static, "            mappers:\n",
+				"            mappers:\n            - filter: { status_code_filter: { comparison: { op: EQ, value: { default_value: 503 } } } }\n"+
+					"              body_format_override: { json_format: { error: { message: \"%LOCAL_REPLY_BODY%\", type: api_error, code: unavailable } } }\n"),
+			[]string{"local_reply_config.mappers[0]", "matches cortex-extproc's own 503 answers", "response_flag_filter"}},
+		{"a body_format for every local reply",
+			mutate(t, static, "          local_reply_config:\n", "          local_reply_config:\n            body_format: { text_format: \"%LOCAL_REPLY_BODY%\" }\n"),
+			[]string{"local_reply_config.body_format", "cortex-extproc's own JSON errors"}},
+		{"a filter the check cannot evaluate",
+			mutate(t, static, "- &unreachable { response_flag_filter: { flags: [UF, UC, UH, NC, UO] } }",
+				"- &unreachable { duration_filter: { comparison: { op: GE, value: { default_value: 1, runtime_key: d } } } }"),
+			[]string{"local_reply_config: cannot be checked", "mappers[0].filter", "duration_filter is not modelled"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := ValidateBootstrapYAML(c.yaml)
+			if err == nil {
+				t.Fatal("validated; want an error")
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error lacks %q:\n%v", w, err)
+				}
+			}
+		})
+	}
+}
