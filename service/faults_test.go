@@ -1142,7 +1142,8 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 			cfg := fxConfig(t, fxCatalogue, a)
 			cfg.ExtProc.DrainTimeout = 2 * time.Second
 			if loadFinishes {
-				cfg.ExtProc.DrainTimeout = 20 * time.Second
+				// Ended by the last stream, never by the timeout (checked below).
+				cfg.ExtProc.DrainTimeout = 10 * time.Minute
 			}
 			cfg.ColdLoad.Timeout = time.Minute
 			h := fxStart(t, cfg)
@@ -1177,7 +1178,13 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 					replies <- r
 				}()
 			}
-			fxEventually(t, "500 requests held", func() bool { return waiting.Load() == held })
+			// 500 streams under -race on a busy machine can take a while to
+			// be held; that is setup, not what this test measures.
+			for deadline := time.Now().Add(2 * time.Minute); waiting.Load() != held; time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) || len(errs) > 0 {
+					t.Fatalf("%d of %d requests held (errors: %d)", waiting.Load(), held, len(errs))
+				}
+			}
 
 			h.cancel() // SIGTERM
 			m, err := watch.Recv()
@@ -1192,7 +1199,6 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 			}
 			wcancel() // a health watch must not hold the drain
 
-			drainStart := time.Now()
 			if loadFinishes {
 				release()
 			}
@@ -1216,8 +1222,8 @@ func TestFaultShutdownDuring500HeldRequests(t *testing.T) {
 			if strings.Contains(h.logs.String(), "still unanswered") {
 				t.Error("the drain closed streams before every held request had its answer")
 			}
-			if loadFinishes && time.Since(drainStart) > cfg.ExtProc.DrainTimeout {
-				t.Errorf("drain took %s with every stream finished; it should not wait out drain_timeout", time.Since(drainStart))
+			if loadFinishes && strings.Contains(h.logs.String(), "drain timeout") {
+				t.Errorf("the drain waited out drain_timeout (%s) although every stream finished", cfg.ExtProc.DrainTimeout)
 			}
 		})
 	}
