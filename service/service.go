@@ -117,6 +117,9 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		OnPoll:           s.metrics.PollResult,
 		OnHealth:         s.metrics.NeuronHealth,
 		OnRemove:         s.metrics.NeuronRemoved,
+		// A re-poll after a failed request that fails takes the neuron
+		// out at once (fleet/suspect.go).
+		OnSuspectUnhealthy: s.metrics.SuspectUnhealthy,
 	}, ns, log)
 	if cfg.File != "" {
 		s.neurons = newNeuronReloader(cfg, log, hc, s.poller, &s.clients)
@@ -163,6 +166,9 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 		// An Anthropic request to a neuron that speaks only OpenAI is
 		// translated, and its answer too (extproc/anthropic.go).
 		TranslateAnthropic: s.anthropic.translates,
+		// A routed request that Envoy could not deliver makes its neuron
+		// suspect: re-polled at once, unhealthy if it does not answer.
+		UpstreamFailed: s.upstreamFailed,
 	})
 
 	opts, err := grpcOptions(cfg.ExtProc)
@@ -201,6 +207,18 @@ func (s *Service) AdminAddr() string { return s.adminLis.Addr().String() }
 
 // Ready is closed once the catalogue is loaded and the first poll round finished.
 func (s *Service) Ready() <-chan struct{} { return s.ready }
+
+// upstreamFailed is extproc's Options.UpstreamFailed: count the signal
+// and have the poller re-poll the node (it never blocks). A node a config
+// reload removed meanwhile is not counted: node labels are configured
+// neurons only.
+func (s *Service) upstreamFailed(node, _ string, _ int, how string) {
+	if s.poller.Snapshot().Node(node) == nil {
+		return
+	}
+	s.metrics.SuspectSignal(node, how)
+	s.poller.Suspect(node)
+}
 
 func (s *Service) neuron(name string) neuron.API {
 	if c, ok := (*s.clients.Load())[name]; ok {
