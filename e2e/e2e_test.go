@@ -92,10 +92,16 @@ func needStack(t *testing.T) *stack {
 // of -count.
 func freshStack(t *testing.T, specs []simSpec) *stack {
 	t.Helper()
+	return freshStackWith(t, specs, stackOptions{})
+}
+
+// freshStackWith is freshStack with options.
+func freshStackWith(t *testing.T, specs []simSpec, opts stackOptions) *stack {
+	t.Helper()
 	if shared == nil {
 		t.Skip(errNoStack)
 	}
-	st, err := startStack(bins, t.TempDir(), specs, "")
+	st, err := startStackWith(bins, t.TempDir(), specs, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

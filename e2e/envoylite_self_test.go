@@ -319,7 +319,7 @@ func TestEnvoyLiteRouteCache(t *testing.T) {
 
 func TestEnvoyLiteMessageTimer(t *testing.T) {
 	override := &extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(10 * time.Second)}
-	t.Run("no reply is a bare 504", func(t *testing.T) {
+	t.Run("no reply is a 504, in JSON by local_reply_config", func(t *testing.T) {
 		release := make(chan struct{})
 		defer close(release)
 		rig := newSelfTestRig(t, envoyLiteConfig{MessageTimeout: 300 * time.Millisecond}, func(s extprocv3.ExternalProcessor_ProcessServer) error {
@@ -333,8 +333,12 @@ func TestEnvoyLiteMessageTimer(t *testing.T) {
 			return nil
 		})
 		resp, body, ent := rig.post(t, clientBody)
-		if resp.StatusCode != 504 || body != "" || ent.Details != "ext_proc_error_per-message_timeout_exceeded" {
-			t.Errorf("got %d %q %q, want 504, empty body, per-message timeout", resp.StatusCode, body, ent.Details)
+		// Envoy's own reply is a bare 504; envoy.yaml's mappers make it
+		// OpenAI's error, naming the timer.
+		if resp.StatusCode != 504 || ent.Details != "ext_proc_error_per-message_timeout_exceeded" ||
+			resp.Header.Get("content-type") != "application/json" || !strings.Contains(body, `"code":"gateway_timeout"`) ||
+			!strings.Contains(body, "ext_proc_error_per-message_timeout_exceeded") {
+			t.Errorf("got %d %q %q, want a JSON 504 gateway_timeout naming the per-message timeout", resp.StatusCode, body, ent.Details)
 		}
 	})
 	t.Run("one override restarts the timer", func(t *testing.T) {
@@ -411,9 +415,9 @@ func TestEnvoyLiteImmediateResponse(t *testing.T) {
 
 func TestEnvoyLiteBufferLimit(t *testing.T) {
 	rig := newSelfTestRig(t, envoyLiteConfig{BufferLimit: 1024}, routing(nil, bodyReply(goodRoute("neuron-a"))))
-	resp, body, _ := rig.post(t, strings.Repeat("x", 2048))
-	if resp.StatusCode != 413 || body != "Payload Too Large" {
-		t.Errorf("got %d %q, want 413 Payload Too Large", resp.StatusCode, body)
+	resp, body, ent := rig.post(t, strings.Repeat("x", 2048))
+	if resp.StatusCode != 413 || ent.Details != "request_payload_too_large" || !strings.Contains(body, `"code":"request_too_large"`) {
+		t.Errorf("got %d %q (%s), want 413 request_too_large in JSON", resp.StatusCode, body, ent.Details)
 	}
 	if n := rig.fake.streams.Load(); n != 0 {
 		t.Errorf("ext_proc saw %d streams for a body over the buffer limit, want 0", n)

@@ -10,6 +10,7 @@ import (
 	"math"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,6 +39,14 @@ import (
 // table's direct_response 404, without an ext_proc stream (ext_proc is
 // disabled on that route) and without touching any upstream.
 //
+// Every reply it makes itself (a local reply: 503 NC or UF, 413, the 504
+// of the message timer, ext_proc's immediate responses) is rewritten by
+// the config's local_reply_config (envoy.LocalReplies) before any filter
+// sees it, as Envoy does. The router's local replies then end the ext_proc
+// stream without response headers, as Envoy 1.34 and later do
+// (skip_ext_proc_on_local_reply), or go through ext_proc's response path
+// like an upstream's answer, as older Envoys do (LocalRepliesToExtProc).
+//
 // It follows shared/docs/envoy-ext-proc.md strictly, so that a protocol
 // mistake in cortex-extproc fails a test here the way it would fail in
 // production: one gRPC stream per request, one reply per message, replies
@@ -59,6 +68,13 @@ type envoyLite struct {
 	// filter is envoy.yaml's ext_proc filter config: allow_mode_override
 	// and allowed_override_modes decide whether a mode_override counts.
 	filter *filterv3.ExternalProcessor
+	// localReplies is the HCM's local_reply_config: every local reply is
+	// rewritten by it before any filter sees it.
+	localReplies *envoy.LocalReplies
+	// localRepliesToExtProc: the router's local replies go through
+	// ext_proc's response path (Envoy before 1.34); otherwise the stream
+	// ends without response headers (envoyLiteConfig.LocalRepliesToExtProc).
+	localRepliesToExtProc bool
 
 	messageTimeout     time.Duration
 	maxMessageTimeout  time.Duration
@@ -82,27 +98,38 @@ type envoyLiteConfig struct {
 	// EnvoyConfig is the bootstrap whose route table envoyLite applies;
 	// empty: envoyYAML.
 	EnvoyConfig string
+	// LocalRepliesToExtProc models an Envoy that sends its router's local
+	// replies (503 UF, NC, …) through ext_proc's response path: before
+	// 1.34 (1.30.10, 1.31.6, 1.32.4, 1.33.1), or with the runtime guard
+	// envoy.reloadable_features.skip_ext_proc_on_local_reply false. False,
+	// the default, is the shipped image (v1.36): ext_proc's side stream
+	// ends without response headers and the client gets the reply.
+	LocalRepliesToExtProc bool
 }
 
 // envoyYAML is the config envoyLite stands in for.
 const envoyYAML = "../envoy/envoy.yaml"
 
-// loadRouteTable parses the route table and the ext_proc filter config of
-// an Envoy bootstrap file.
-func loadRouteTable(path string) (*envoy.RouteTable, *filterv3.ExternalProcessor, error) {
+// loadRouteTable parses the route table, the ext_proc filter config and
+// the local reply mappers of an Envoy bootstrap file.
+func loadRouteTable(path string) (*envoy.RouteTable, *filterv3.ExternalProcessor, *envoy.LocalReplies, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, nil, fmt.Errorf("envoylite: %w", err)
+		return nil, nil, nil, fmt.Errorf("envoylite: %w", err)
 	}
 	b, err := envoy.ParseBootstrapYAML(data)
 	if err != nil {
-		return nil, nil, fmt.Errorf("envoylite: %s: %w", path, err)
+		return nil, nil, nil, fmt.Errorf("envoylite: %s: %w", path, err)
 	}
 	rt, err := envoy.InferenceRouteTable(b)
 	if err != nil {
-		return nil, nil, fmt.Errorf("envoylite: %s: %w", path, err)
+		return nil, nil, nil, fmt.Errorf("envoylite: %s: %w", path, err)
 	}
-	return rt, extProcFilter(b), nil
+	lr, err := envoy.NewLocalReplies(rt.HCM.GetLocalReplyConfig())
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("envoylite: %s: local_reply_config: %w", path, err)
+	}
+	return rt, extProcFilter(b), lr, nil
 }
 
 // extProcFilter finds the first ext_proc filter config in b (nil if none).
@@ -156,7 +183,7 @@ func newEnvoyLite(cfg envoyLiteConfig) (*envoyLite, error) {
 	if cfg.EnvoyConfig == "" {
 		cfg.EnvoyConfig = envoyYAML
 	}
-	routes, filter, err := loadRouteTable(cfg.EnvoyConfig)
+	routes, filter, localReplies, err := loadRouteTable(cfg.EnvoyConfig)
 	if err != nil {
 		return nil, err
 	}
@@ -177,12 +204,14 @@ func newEnvoyLite(cfg envoyLiteConfig) (*envoyLite, error) {
 			// Envoy's router does not follow redirects.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		routes:             routes,
-		filter:             filter,
-		messageTimeout:     cfg.MessageTimeout,
-		maxMessageTimeout:  cfg.MaxMessageTimeout,
-		bufferLimit:        cfg.BufferLimit,
-		remoteCloseTimeout: time.Second,
+		routes:                routes,
+		filter:                filter,
+		localReplies:          localReplies,
+		localRepliesToExtProc: cfg.LocalRepliesToExtProc,
+		messageTimeout:        cfg.MessageTimeout,
+		maxMessageTimeout:     cfg.MaxMessageTimeout,
+		bufferLimit:           cfg.BufferLimit,
+		remoteCloseTimeout:    time.Second,
 	}
 	if e.messageTimeout <= 0 {
 		e.messageTimeout = 30 * time.Second
@@ -224,6 +253,9 @@ type accessEntry struct {
 	Overrides int
 	// Problems are protocol mistakes Envoy would tolerate silently.
 	Problems []string
+	// request is the request headers as they stand (ext_proc's mutations
+	// applied): what local_reply_config's header filters see.
+	request headerList
 }
 
 func (e *envoyLite) newEntry(method, path string) *accessEntry {
@@ -316,6 +348,7 @@ func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	e.update(func() { ent.RequestID = reqID })
 	// normalize_path: the HCM rewrites :path before routing and filters.
 	hs.set(":path", e.routes.NormalizePath(hs.first(":path")))
+	e.setRequest(ent, hs)
 
 	// The HCM matches the route when the headers arrive, before any filter
 	// runs, and caches it: with cluster_header the cluster is taken from
@@ -377,6 +410,7 @@ func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			var c bool
 			c, fail = st.applyRequestCommon(rr.RequestHeaders.GetResponse(), &hs, nil, "request_headers")
 			cleared = cleared || c
+			e.setRequest(ent, hs)
 		default:
 			fail = st.spurious("request_headers", resp)
 		}
@@ -400,6 +434,7 @@ func (e *envoyLite) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				var c bool
 				c, fail = st.applyRequestCommon(rr.RequestBody.GetResponse(), &hs, &body, "request_body")
 				cleared = cleared || c
+				e.setRequest(ent, hs)
 			default:
 				fail = st.spurious("request_body", resp)
 			}
@@ -577,7 +612,7 @@ func (e *envoyLite) respond(w http.ResponseWriter, ent *accessEntry, st *extproc
 			}
 		}
 		if fail != nil {
-			e.writeLocal(w, ent, fail)
+			e.finish(w, ent, nil, fail)
 			return
 		}
 	}
@@ -674,10 +709,32 @@ func (e *envoyLite) finish(w http.ResponseWriter, ent *accessEntry, st *extprocS
 		e.update(func() { ent.Details = lr.details })
 		return
 	}
+	// local_reply_config rewrites the reply before any encoder filter
+	// sees it (FilterManager::sendLocalReplyViaFilterChain).
+	lr = e.rewrite(ent, lr)
 	if st != nil && st.active && lr.router {
+		if !e.localRepliesToExtProc {
+			// Envoy ≥ 1.34 (skip_ext_proc_on_local_reply): ext_proc does
+			// not process local replies; its stream ends here without
+			// response headers, and the client gets the reply.
+			st.finished()
+			st.close()
+			e.writeLocal(w, ent, lr)
+			return
+		}
+		// Before 1.34 the router's reply runs the encoder filter chain,
+		// ext_proc included: its headers are Envoy's own (no date, which
+		// the HCM adds after the filters).
 		rh := headerList{{":status", strconv.Itoa(lr.status)}, {"content-length", strconv.Itoa(len(lr.body))}}
-		if lr.body != "" {
+		if ct, ok := lr.headers.get("content-type"); ok {
+			rh = append(rh, header{"content-type", ct})
+		} else if lr.body != "" {
 			rh = append(rh, header{"content-type", "text/plain"})
+		}
+		for _, h := range lr.headers {
+			if h.k != "content-type" {
+				rh = append(rh, h)
+			}
 		}
 		resp, fail := st.exchange("response_headers", &extprocv3.ProcessingRequest{
 			Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
@@ -694,13 +751,46 @@ func (e *envoyLite) finish(w http.ResponseWriter, ent *accessEntry, st *extprocS
 			}
 		}
 		if fail != nil {
-			lr = fail
+			lr = e.rewrite(ent, fail)
 		} else {
 			st.finished()
 			lr.headers = rh
 		}
 	}
 	e.writeLocal(w, ent, lr)
+}
+
+// setRequest records the request headers as they stand, for the local
+// reply mappers' header filters.
+func (e *envoyLite) setRequest(ent *accessEntry, hs headerList) {
+	c := slices.Clone(hs)
+	e.update(func() { ent.request = c })
+}
+
+// rewrite applies local_reply_config (envoy.LocalReplies) to a local
+// reply: status, body, content type and the mapper's headers.
+func (e *envoyLite) rewrite(ent *accessEntry, lr *localReply) *localReply {
+	var req map[string]string
+	e.update(func() { req = ent.request.routeHeaders() })
+	var flags []string
+	if lr.flags != "" {
+		flags = strings.Split(lr.flags, ",")
+	}
+	ct, _ := lr.headers.get("content-type")
+	got := e.localReplies.Rewrite(envoy.LocalReply{Status: lr.status, Flags: flags, Details: lr.details, Body: lr.body, ContentType: ct, Request: req})
+	if got.Mapper < 0 {
+		return lr
+	}
+	out := *lr
+	out.status, out.body = got.Status, got.Body
+	out.headers = slices.Clone(lr.headers)
+	if got.ContentType != "" {
+		out.headers.set("content-type", got.ContentType)
+	}
+	for _, h := range got.Headers {
+		out.headers.set(h[0], h[1])
+	}
+	return &out
 }
 
 // writeLocal writes a local reply: content-length from the body,

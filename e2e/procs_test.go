@@ -327,7 +327,11 @@ type cortex struct {
 }
 
 // cortexConfig renders cortex-extproc.toml for the sims.
-func cortexConfig(catalogue string, sims map[string]*sim, extra string) string {
+func cortexConfig(catalogue string, sims map[string]*sim, opts stackOptions) string {
+	pollInterval := opts.pollInterval
+	if pollInterval == "" {
+		pollInterval = "200ms"
+	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "models_config = %q\n", catalogue)
 	b.WriteString(`
@@ -341,7 +345,7 @@ shutdown_delay = "0s"   # envoyLite does not health-check cortex-extproc
 listen = "127.0.0.1:0"
 
 [poll]
-interval = "200ms"
+interval = "` + pollInterval + `"
 timeout = "2s"
 failure_threshold = 3
 
@@ -356,7 +360,7 @@ cluster_header = "x-cortex-cluster"
 level = "info"
 format = "json"
 `)
-	b.WriteString(extra)
+	b.WriteString(opts.extraConfig)
 	for _, n := range slices.Sorted(maps.Keys(sims)) {
 		fmt.Fprintf(&b, "\n[[neurons]]\nname = %q\nendpoint = %q\n", n, sims[n].tap.url())
 	}
@@ -438,9 +442,24 @@ type stack struct {
 	front  *httptest.Server
 }
 
+// stackOptions change a stack from the demo's settings.
+type stackOptions struct {
+	// extraConfig is appended to cortex-extproc.toml.
+	extraConfig string
+	// pollInterval is poll.interval ("" is 200ms).
+	pollInterval string
+	// envoy configures envoyLite; startStack sets ExtProcAddr and Clusters.
+	envoy envoyLiteConfig
+}
+
 // startStack starts the sims, writes the config, starts cortex-extproc and
 // serves envoyLite with one cluster per sim (neuron-<name>).
 func startStack(bins binaries, dir string, specs []simSpec, extraConfig string) (st *stack, err error) {
+	return startStackWith(bins, dir, specs, stackOptions{extraConfig: extraConfig})
+}
+
+// startStackWith is startStack with options.
+func startStackWith(bins binaries, dir string, specs []simSpec, opts stackOptions) (st *stack, err error) {
 	st = &stack{dir: dir, sims: map[string]*sim{}}
 	defer func() {
 		if err != nil {
@@ -461,7 +480,7 @@ func startStack(bins binaries, dir string, specs []simSpec, extraConfig string) 
 		st.sims[spec.name] = s
 	}
 	cfgFile := filepath.Join(dir, "cortex-extproc.toml")
-	if err := os.WriteFile(cfgFile, []byte(cortexConfig(catalogue, st.sims, extraConfig)), 0o600); err != nil {
+	if err := os.WriteFile(cfgFile, []byte(cortexConfig(catalogue, st.sims, opts)), 0o600); err != nil {
 		return nil, err
 	}
 	if st.cortex, err = startCortex(bins.cortex, cfgFile); err != nil {
@@ -471,7 +490,9 @@ func startStack(bins binaries, dir string, specs []simSpec, extraConfig string) 
 	for n, s := range st.sims {
 		clusters["neuron-"+n] = s.url
 	}
-	if st.envoy, err = newEnvoyLite(envoyLiteConfig{ExtProcAddr: st.cortex.grpcAddr, Clusters: clusters}); err != nil {
+	ec := opts.envoy
+	ec.ExtProcAddr, ec.Clusters = st.cortex.grpcAddr, clusters
+	if st.envoy, err = newEnvoyLite(ec); err != nil {
 		return nil, err
 	}
 	st.front = httptest.NewServer(st.envoy)
