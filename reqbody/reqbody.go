@@ -35,13 +35,14 @@
 // gjson (which takes the first) and any parser that takes the last, or
 // ignores case, read the same one; Find also checks that gjson found the
 // value exactly where the validator did. gjson and sjson find "model" by
-// walking the body from its start, at about 1.6 GB/s on chat text against
-// the validator's 4–7 GB/s; most clients put "model" first, where that walk
-// is a few bytes. When it comes later (the OpenAI and Anthropic SDKs send
-// it after the messages) the walk would cost up to 0.65 ms per MB twice
-// over (BENCHMARKS.md, "gjson and sjson on the request path"), so past
-// NearLimit bytes gjson reads the value at the validator's span instead of
-// searching for it, and the rewrite is a splice (Model.Near).
+// walking the body from its start. Most clients put "model" first, where
+// that walk is a few bytes. When it comes later (the OpenAI and Anthropic
+// SDKs send it after the messages), gjson's walk and sjson's, which also
+// copies the body up to the model into the buffer it rewrites, would add
+// 0.7–1.1 ms per MB to the validator's 0.14 ms (BenchmarkRewrite;
+// BENCHMARKS.md, "gjson and sjson on the request path"). So past NearLimit
+// bytes gjson reads the value at the validator's span instead of searching
+// for it, and the rewrite is a splice (Model.Near).
 package reqbody
 
 import (
@@ -63,8 +64,8 @@ const MaxModelLen = 256
 // NearLimit is how far into a body gjson searches for "model" and sjson
 // rewrites it: a model value ending within the first NearLimit bytes is
 // near (Model.Near). Every client that sends "model" first is near; the
-// bound keeps the walk to the model, which gjson and sjson each make, under
-// a microsecond, and the region sjson rewrites small.
+// bound keeps the walk to the model, which gjson and sjson each make, well
+// under a microsecond, and the region sjson rewrites small.
 const NearLimit = 512
 
 // Model is the top-level "model" of body plus where its raw JSON value sits.
