@@ -463,22 +463,29 @@ func (p *Poller) applyNeurons(neurons []Neuron, reload bool) {
 	}
 }
 
+// pollInput is what a poll of ns, started as number seq, reads: a copy, so
+// the poll goroutine never touches owner state.
+func (ns *nodeState) pollInput(seq uint64) pollInput {
+	in := pollInput{
+		key:        ns,
+		api:        ns.cfg.API,
+		disc:       ns.disc,
+		prevUptime: -1,
+		endpoints:  maps.Clone(ns.endpoints),
+		seq:        seq,
+	}
+	if ns.health != nil {
+		in.prevUptime = ns.health.UptimeSecs
+	}
+	return in
+}
+
 func (p *Poller) startRound(waiters []chan error) {
 	p.seq++
 	rs := &roundState{waiters: waiters}
 	p.inRound = rs
 	for _, ns := range p.nodes {
-		in := pollInput{
-			key:        ns,
-			api:        ns.cfg.API,
-			disc:       ns.disc,
-			prevUptime: -1,
-			endpoints:  maps.Clone(ns.endpoints),
-			seq:        p.seq,
-		}
-		if ns.health != nil {
-			in.prevUptime = ns.health.UptimeSecs
-		}
+		in := ns.pollInput(p.seq)
 		rs.pending++
 		p.wg.Add(1)
 		go func() {

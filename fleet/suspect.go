@@ -70,17 +70,7 @@ func (p *Poller) takeSuspects() {
 func (p *Poller) startRepoll(ns *nodeState, now time.Time) {
 	p.seq++
 	ns.suspect, ns.lastRepoll, ns.dirty = true, now, true
-	in := pollInput{
-		key:        ns,
-		api:        ns.cfg.API,
-		disc:       ns.disc,
-		prevUptime: -1,
-		endpoints:  maps.Clone(ns.endpoints),
-		seq:        p.seq,
-	}
-	if ns.health != nil {
-		in.prevUptime = ns.health.UptimeSecs
-	}
+	in := ns.pollInput(p.seq)
 	p.log.Debug("neuron suspect after a failed request; re-polling it now", "node", ns.cfg.Name)
 	p.wg.Add(1)
 	go func() {
