@@ -10,7 +10,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/helexa/cortex-extproc/filewatch"
+	"github.com/helexa/cortex-extproc/internal/filewatch"
 )
 
 const (

@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/helexa/cortex-extproc/filewatch"
+	"github.com/helexa/cortex-extproc/internal/filewatch"
 )
 
 const waitLimit = 5 * time.Second

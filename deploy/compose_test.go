@@ -13,8 +13,8 @@ import (
 	toml "github.com/pelletier/go-toml/v2"
 	"sigs.k8s.io/yaml"
 
-	"github.com/helexa/cortex-extproc/neuron"
-	"github.com/helexa/cortex-extproc/neuronsim"
+	"github.com/helexa/cortex-extproc/internal/neuron"
+	"github.com/helexa/cortex-extproc/internal/neuronsim"
 )
 
 // repoRoot is where docker-compose.yaml lives; its relative paths start here.

@@ -1,7 +1,7 @@
 // Package deploy holds deployment material: the container image
 // (Dockerfile, build-image.sh), Kubernetes manifests, a Helm chart and a
 // systemd unit. Its tests check that these files, docker-compose.yaml and
-// compose/ agree with each other: every neuron has a compose service and an
+// compose/ (the demo's configs) agree with each other: every neuron has a compose service and an
 // Envoy cluster, ports line up, referenced files exist, the embedded Envoy
 // configs validate, every Kubernetes object (manifests and rendered chart)
 // decodes strictly into its API type, the chart renders the manifests'

@@ -22,7 +22,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	"sigs.k8s.io/yaml"
 
-	"github.com/helexa/cortex-extproc/config"
+	"github.com/helexa/cortex-extproc/internal/config"
 )
 
 const chartDir = "helm/cortex-extproc"

@@ -15,8 +15,8 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	toml "github.com/pelletier/go-toml/v2"
 
-	"github.com/helexa/cortex-extproc/config"
 	"github.com/helexa/cortex-extproc/envoy"
+	"github.com/helexa/cortex-extproc/internal/config"
 )
 
 // serviceConfig is the part of cortex-extproc.toml (contract.md) that other

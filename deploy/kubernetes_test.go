@@ -15,8 +15,8 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/helexa/cortex-extproc/config"
-	"github.com/helexa/cortex-extproc/service"
+	"github.com/helexa/cortex-extproc/internal/config"
+	"github.com/helexa/cortex-extproc/internal/service"
 )
 
 // checkCortexContainer checks the cortex-extproc container of a pod
@@ -415,7 +415,7 @@ func TestServiceMonitorScrapesTheAdminPort(t *testing.T) {
 // config we ship.
 func TestShippedEnvoyHealthChecksFitTheDefaultShutdownDelay(t *testing.T) {
 	files := map[string][]byte{}
-	for _, f := range []string{"../envoy/envoy.yaml", "../envoy/envoy-xds.yaml", "../envoy/envoy-original-dst.yaml", "../compose/envoy.yaml"} {
+	for _, f := range []string{"../envoy/envoy.yaml", "../envoy/envoy-xds.yaml", "../envoy/envoy-original-dst.yaml", "compose/envoy.yaml"} {
 		files[f] = readFile(t, f)
 	}
 	objs := manifests(t)

@@ -26,9 +26,9 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/helexa/cortex-extproc/config"
-	"github.com/helexa/cortex-extproc/neuronsim"
-	"github.com/helexa/cortex-extproc/service"
+	"github.com/helexa/cortex-extproc/internal/config"
+	"github.com/helexa/cortex-extproc/internal/neuronsim"
+	"github.com/helexa/cortex-extproc/internal/service"
 )
 
 // TestProbesWorkWithMTLS runs cortex-extproc with the shipped

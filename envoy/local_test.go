@@ -30,9 +30,9 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/config"
 	"github.com/helexa/cortex-extproc/envoy"
-	"github.com/helexa/cortex-extproc/neuronsim"
+	"github.com/helexa/cortex-extproc/internal/config"
+	"github.com/helexa/cortex-extproc/internal/neuronsim"
 )
 
 const (

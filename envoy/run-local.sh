@@ -11,12 +11,12 @@
 # Ports, as compose publishes them on the host (so stop compose first):
 # Envoy 8080 (admin 9901), cortex-extproc 9002 (admin 9090), beast 13131,
 # rig2 13132. Configs: envoy/envoy-local.yaml, envoy/local/cortex-extproc.toml
-# and compose's catalogue, compose/models.toml (edits reload live).
+# and compose's catalogue, deploy/compose/models.toml (edits reload live).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
-catalogue=$root/compose/models.toml
+catalogue=$root/deploy/compose/models.toml
 config=$here/local/cortex-extproc.toml
 envoy_config=$here/envoy-local.yaml
 envoy_bin=${ENVOY:-envoy}

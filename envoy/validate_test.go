@@ -24,12 +24,12 @@ type shippedConfig struct {
 }
 
 // shippedConfigs finds every Envoy bootstrap under envoy/, deploy/ and
-// compose/: files named envoy*.yaml or containing static_resources, and
+// deploy/compose/: files named envoy*.yaml or containing static_resources, and
 // ConfigMap entries (in Kubernetes manifests) that hold one.
 func shippedConfigs(t *testing.T) []shippedConfig {
 	t.Helper()
 	var out []shippedConfig
-	for _, root := range []string{".", "../deploy", "../compose"} {
+	for _, root := range []string{".", "../deploy"} {
 		err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
 			if err != nil {
 				return err
@@ -129,7 +129,7 @@ func TestShippedEnvoyConfigsValidate(t *testing.T) {
 	// ConfigMap extraction would otherwise validate nothing.
 	for _, want := range []string{
 		"envoy.yaml", "envoy-xds.yaml", "envoy-original-dst.yaml", "envoy-local.yaml",
-		"../compose/envoy.yaml",
+		"../deploy/compose/envoy.yaml",
 		"../deploy/kubernetes/envoy-deployment.yaml#envoy.yaml",
 		"../deploy/kubernetes/envoy-sidecar.yaml#envoy.yaml",
 	} {

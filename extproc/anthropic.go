@@ -8,9 +8,9 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/helexa/cortex-extproc/anthropic"
-	"github.com/helexa/cortex-extproc/apierr"
-	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/anthropic"
+	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
+	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

@@ -17,8 +17,8 @@ import (
 	"google.golang.org/grpc/mem"
 
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

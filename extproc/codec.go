@@ -13,7 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
-	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
 )
 
 // Replies go to gRPC already in protobuf wire format. gRPC's own codec

@@ -12,7 +12,7 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

@@ -12,8 +12,8 @@ import (
 
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/extproc"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
+	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

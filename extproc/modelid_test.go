@@ -8,7 +8,7 @@ import (
 
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/extproc"
-	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

@@ -18,11 +18,11 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
-	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/extproc"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/modellist"
+	"github.com/helexa/cortex-extproc/internal/apierr"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/modellist"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

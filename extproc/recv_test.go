@@ -13,7 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
-	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

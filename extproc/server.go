@@ -22,10 +22,10 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/helexa/cortex-extproc/apierr"
-	"github.com/helexa/cortex-extproc/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
+	"github.com/helexa/cortex-extproc/internal/apierr"
+	"github.com/helexa/cortex-extproc/internal/tracing"
 	"github.com/helexa/cortex-extproc/routing"
-	"github.com/helexa/cortex-extproc/tracing"
 )
 
 // The headers of contract.md. A client-sent copy of any of them is removed

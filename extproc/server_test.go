@@ -23,12 +23,12 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
-	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/extproc"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/modellist"
-	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/internal/apierr"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/modellist"
+	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

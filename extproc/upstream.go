@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/helexa/cortex-extproc/apierr"
+	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

@@ -7,7 +7,7 @@ import (
 
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 
-	"github.com/helexa/cortex-extproc/apierr"
+	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/routing"
 )
 

@@ -12,11 +12,11 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/neuron"
-	"github.com/helexa/cortex-extproc/tracing"
+	"github.com/helexa/cortex-extproc/internal/apierr"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/neuron"
+	"github.com/helexa/cortex-extproc/internal/tracing"
 )
 
 // Cold-load defaults (contract.md [cold_load]).

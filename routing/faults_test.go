@@ -9,8 +9,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/neuron"
 )
 
 // An eviction claims its victim when the load is planned: from then on no

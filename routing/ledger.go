@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/internal/fleet"
 )
 
 // Ledger is the one record of what cold loads and evictions have committed

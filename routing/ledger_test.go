@@ -10,7 +10,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/internal/neuron"
 )
 
 // The ledger's figure is the last reading less loads in progress and loads

@@ -7,10 +7,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/internal/apierr"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/neuron"
 )
 
 // Device sizes used by the test fleet.

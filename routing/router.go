@@ -4,9 +4,9 @@ import (
 	"context"
 	"time"
 
-	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/fleet"
+	"github.com/helexa/cortex-extproc/internal/apierr"
+	"github.com/helexa/cortex-extproc/internal/fleet"
 )
 
 // Target is the neuron a request goes to. It is a plain value: the

@@ -19,12 +19,12 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/config"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/metrics"
-	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/internal/config"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/metrics"
+	"github.com/helexa/cortex-extproc/internal/neuron"
+	"github.com/helexa/cortex-extproc/internal/service"
 	"github.com/helexa/cortex-extproc/routing"
-	"github.com/helexa/cortex-extproc/service"
 )
 
 // Set by -ldflags "-X main.version=… -X main.commit=…".

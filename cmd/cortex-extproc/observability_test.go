@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/helexa/cortex-extproc/config"
+	"github.com/helexa/cortex-extproc/internal/config"
 )
 
 // JSON logs write durations as Go writes them, not as nanoseconds, and cut

@@ -6,7 +6,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/helexa/cortex-extproc/service"
+	"github.com/helexa/cortex-extproc/internal/service"
 )
 
 // runUntilSignalled runs svc until ctx ends or SIGTERM / Ctrl-C arrives,

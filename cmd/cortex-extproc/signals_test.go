@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/helexa/cortex-extproc/config"
-	"github.com/helexa/cortex-extproc/service"
+	"github.com/helexa/cortex-extproc/internal/config"
+	"github.com/helexa/cortex-extproc/internal/service"
 )
 
 // The first SIGTERM starts the graceful shutdown (readiness off, then

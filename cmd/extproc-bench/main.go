@@ -30,7 +30,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/helexa/cortex-extproc/benchtool"
+	"github.com/helexa/cortex-extproc/internal/benchtool"
 )
 
 func main() {

@@ -18,7 +18,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/helexa/cortex-extproc/neuronsim"
+	"github.com/helexa/cortex-extproc/internal/neuronsim"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".

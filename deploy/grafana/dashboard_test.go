@@ -12,11 +12,11 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/helexa/cortex-extproc/apierr"
 	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/fleet"
-	"github.com/helexa/cortex-extproc/metrics"
-	"github.com/helexa/cortex-extproc/neuron"
+	"github.com/helexa/cortex-extproc/internal/apierr"
+	"github.com/helexa/cortex-extproc/internal/fleet"
+	"github.com/helexa/cortex-extproc/internal/metrics"
+	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/routing"
 )
 
