@@ -10,6 +10,7 @@ import (
 
 	"github.com/helexa/cortex-extproc/extproc/internal/anthropic"
 	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/wire"
 	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/routing"
 )
@@ -91,7 +92,7 @@ func (s *Server) translates(t *routing.Target) bool {
 
 // translateRequest is the body reply that sends an Anthropic Messages
 // request to t as a chat completion.
-func (st *stream) translateRequest(body []byte, m reqbody.Model, t *routing.Target, value string) (*extprocv3.ProcessingResponse, *apierr.Error) {
+func (st *stream) translateRequest(body []byte, m reqbody.Model, t *routing.Target, value string) (*wire.Reply, *apierr.Error) {
 	req, err := anthropic.TranslateRequest(body, t.Model)
 	if err != nil {
 		return nil, apierr.InvalidRequest("%s", err.Error())
@@ -101,14 +102,14 @@ func (st *stream) translateRequest(body []byte, m reqbody.Model, t *routing.Targ
 	set := append(cortexHeaders(t, up.Header(), value),
 		setHeader(":path", chatCompletionsPath),
 		setHeader("content-length", strconv.Itoa(len(req.Body))))
-	return &extprocv3.ProcessingResponse{
+	return st.reply(&extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{
 			HeaderMutation:  &extprocv3.HeaderMutation{SetHeaders: set},
 			BodyMutation:    &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: req.Body}},
 			ClearRouteCache: true,
 		}}},
 		DynamicMetadata: dynamicMetadata(up.DynamicMetadataKey(), value),
-	}, nil
+	}), nil
 }
 
 // cortexHeaders are the routing headers of a routed request: the upstream
@@ -126,7 +127,7 @@ func cortexHeaders(t *routing.Target, upstreamHeader, value string) []*corev3.He
 // anthropicResponseHeaders answers the upstream's response headers of a
 // translated request: our headers, the content type of what the client
 // will get, and the switch to a streamed response body.
-func (st *stream) anthropicResponseHeaders(h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+func (st *stream) anthropicResponseHeaders(h *extprocv3.HttpHeaders) *wire.Reply {
 	x := st.ax
 	ct := ""
 	for _, kv := range h.GetHeaders().GetHeaders() {
@@ -149,21 +150,21 @@ func (st *stream) anthropicResponseHeaders(h *extprocv3.HttpHeaders) *extprocv3.
 	if h.GetEndOfStream() {
 		// No body will follow: an error gets its Anthropic body now.
 		if x.kind == answerError {
-			return jsonReply(x.status, anthropic.TranslateError(x.status, nil), "cortex_anthropic_upstream_error")
+			return st.reply(jsonReply(x.status, anthropic.TranslateError(x.status, nil), "cortex_anthropic_upstream_error"))
 		}
-		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+		return st.reply(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
 			ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
-				HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: cortexHeaders(&st.target, "", "")[1:]}}}}}
+				HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: cortexHeaders(&st.target, "", "")[1:]}}}}})
 	}
 	set := append(cortexHeaders(&st.target, "", "")[1:], setHeader("content-type", ct))
-	return &extprocv3.ProcessingResponse{
+	return st.reply(&extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
 			// The translation changes the length; Envoy drops the header in
 			// STREAMED mode anyway.
 			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: set, RemoveHeaders: []string{"content-length"}},
 		}}},
 		ModeOverride: translatedMode,
-	}
+	})
 }
 
 func isEventStream(ct string) bool {
@@ -173,7 +174,7 @@ func isEventStream(ct string) bool {
 // anthropicResponseBody translates one chunk of the upstream's answer.
 // Streams are translated as they come (nothing of the answer is held but an
 // unfinished line); whole answers are held until the last chunk.
-func (st *stream) anthropicResponseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
+func (st *stream) anthropicResponseBody(b *extprocv3.HttpBody) *wire.Reply {
 	x := st.ax
 	chunk, end := b.GetBody(), b.GetEndOfStream()
 	var out []byte
@@ -202,8 +203,8 @@ func (st *stream) anthropicResponseBody(b *extprocv3.HttpBody) *extprocv3.Proces
 	if len(out) > 0 {
 		bm = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}}
 	}
-	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
-		ResponseBody: &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{BodyMutation: bm}}}}
+	return st.reply(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
+		ResponseBody: &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{BodyMutation: bm}}}})
 }
 
 // finish translates a whole answer.

@@ -8,17 +8,18 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 
+	"github.com/helexa/cortex-extproc/extproc/internal/wire"
 	"github.com/helexa/cortex-extproc/routing"
 )
 
 // replyParts are the replies that depend only on the target, encoded once
-// and shared by every request to it (see codec.go): the body reply that
+// and shared by every request to it (see package wire): the body reply that
 // routes an unchanged body, the template of one that routes a rewritten
 // body, and the response-headers reply.
 type replyParts struct {
-	routed    *encoded
-	rewrite   rewriteTemplate
-	responded *encoded
+	routed    *wire.Reply
+	rewrite   wire.RewriteTemplate
+	responded *wire.Reply
 }
 
 type partsKey struct {
@@ -79,24 +80,24 @@ func newReplyParts(up Upstream, t *routing.Target, value string) *replyParts {
 		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
 			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: set[1:]}}}}}
 	return &replyParts{
-		routed:    encode(routed),
-		rewrite:   newRewriteTemplate(set, t.Model, &extprocv3.ProcessingResponse{DynamicMetadata: md}),
-		responded: encode(responded),
+		routed:    wire.MustEncode(routed),
+		rewrite:   wire.NewRewriteTemplate(set, t.Model, &extprocv3.ProcessingResponse{DynamicMetadata: md}),
+		responded: wire.MustEncode(responded),
 	}
 }
 
-// Replies that never vary are built once.
+// Replies that never vary are encoded once.
 var (
-	continueBody = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
-		RequestBody: &extprocv3.BodyResponse{}}}
-	continueRequestTrailers = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{
-		RequestTrailers: &extprocv3.TrailersResponse{}}}
-	continueResponseBody = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
-		ResponseBody: &extprocv3.BodyResponse{}}}
-	continueResponseTrailers = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{
-		ResponseTrailers: &extprocv3.TrailersResponse{}}}
-	plainResponseHeaders = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
-		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{}}}}}
+	continueBody = wire.MustEncode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
+		RequestBody: &extprocv3.BodyResponse{}}})
+	continueRequestTrailers = wire.MustEncode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{
+		RequestTrailers: &extprocv3.TrailersResponse{}}})
+	continueResponseBody = wire.MustEncode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
+		ResponseBody: &extprocv3.BodyResponse{}}})
+	continueResponseTrailers = wire.MustEncode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{
+		ResponseTrailers: &extprocv3.TrailersResponse{}}})
+	plainResponseHeaders = wire.MustEncode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{}}}}})
 )
 
 // knownString returns a constant for the values most requests carry, so

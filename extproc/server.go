@@ -23,6 +23,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/wire"
 	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/internal/tracing"
 	"github.com/helexa/cortex-extproc/routing"
@@ -136,7 +137,7 @@ type Server struct {
 	parts  partsCache
 	// headersReply is the same for every request with a body: continue,
 	// and strip client-sent routing headers.
-	headersReply *encoded
+	headersReply *wire.Reply
 }
 
 // New builds a Server.
@@ -161,7 +162,7 @@ func New(r Router, opt Options) *Server {
 		remove = append(remove, h)
 	}
 	s := &Server{router: r, opt: opt, log: opt.Log, remove: remove}
-	s.headersReply = encode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
+	s.headersReply = wire.MustEncode(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
 		RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
 			HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: remove},
 		}}}})
@@ -198,6 +199,8 @@ type stream struct {
 	// ax is the translation of an Anthropic request sent to an
 	// OpenAI-only neuron; nil otherwise.
 	ax *anthropicExchange
+	// encodeErr is why a reply could not be encoded (see reply).
+	encodeErr error
 	// W3C trace context, read only while tracing is on.
 	traceparent, tracestate string
 	span                    trace.Span
@@ -225,9 +228,8 @@ func (st *stream) free() {
 // Process handles one HTTP request's messages, strictly one reply per
 // message and in order. Returning nil before answering would make Envoy
 // forward the request unprocessed, so every path either replies or ends the
-// stream with an error status. Replies are a *extprocv3.ProcessingResponse
-// or, on the hot path, an *encoded one: the stream must be served by
-// NewGRPCServer's codec.
+// stream with an error status. Every reply is a *wire.Reply, already in
+// wire format: the stream must be served by NewGRPCServer's codec.
 func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 	if s.opt.Observer != nil {
 		s.opt.Observer.StreamStarted()
@@ -237,7 +239,7 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 	defer st.free()
 	ctx := g.Context()
 	for {
-		msg := new(received)
+		msg := new(wire.Received)
 		if err := g.RecvMsg(msg); err != nil {
 			// EOF: Envoy has what it needs (or half-closed after a client
 			// hang-up). Canceled: the HTTP request is gone.
@@ -248,12 +250,15 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 			return err
 		}
 		resp, err := st.handle(ctx, msg)
+		if err == nil && resp == nil && st.encodeErr != nil {
+			err = status.Errorf(codes.Internal, "cortex-extproc could not encode its reply: %v", st.encodeErr)
+		}
 		if err == nil && resp != nil {
 			err = g.SendMsg(resp)
 		}
 		// Answered: the receive buffer goes back (a reply still being
 		// written holds its own references to the body).
-		msg.release()
+		msg.Release()
 		if err != nil || resp == nil { // resp nil: the client went away while we waited
 			return err
 		}
@@ -272,8 +277,10 @@ func (st *stream) checkMode(pc *extprocv3.ProtocolConfiguration) {
 	}
 }
 
-func (st *stream) handle(ctx context.Context, msg *received) (any, error) {
-	req := &msg.msg
+// handle answers one message from Envoy. A nil reply without an error
+// means the stream is gone (the client went away while we waited).
+func (st *stream) handle(ctx context.Context, msg *wire.Received) (*wire.Reply, error) {
+	req := &msg.Msg
 	if pc := req.GetProtocolConfig(); pc != nil {
 		st.checkMode(pc)
 	}
@@ -298,7 +305,7 @@ func (st *stream) handle(ctx context.Context, msg *received) (any, error) {
 	}
 }
 
-func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
+func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) *wire.Reply {
 	st.sawHeader = true
 	for _, kv := range h.GetHeaders().GetHeaders() {
 		switch kv.GetKey() {
@@ -339,13 +346,13 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) any {
 }
 
 // bodiless answers a request with no body: the model list, or a clear error.
-func (st *stream) bodiless() *extprocv3.ProcessingResponse {
+func (st *stream) bodiless() *wire.Reply {
 	if m := st.srv.opt.Models; m != nil && (st.method == "GET" || st.method == "HEAD") {
 		if st.path == "/v1/models" || st.path == "/v1/models/" {
 			if st.anthropic {
-				return jsonReply(200, m.AnthropicList(), "cortex_model_list")
+				return st.reply(jsonReply(200, m.AnthropicList(), "cortex_model_list"))
 			}
-			return jsonReply(200, m.List(), "cortex_model_list")
+			return st.reply(jsonReply(200, m.List(), "cortex_model_list"))
 		}
 		if id, ok := strings.CutPrefix(st.path, "/v1/models/"); ok {
 			get := m.Get
@@ -353,7 +360,7 @@ func (st *stream) bodiless() *extprocv3.ProcessingResponse {
 				get = m.AnthropicGet
 			}
 			if body, ok := get(unescapePath(id)); ok {
-				return jsonReply(200, body, "cortex_model")
+				return st.reply(jsonReply(200, body, "cortex_model"))
 			}
 			return st.immediate(apierr.ModelNotFound("model %q not found on any node, in the catalogue or among the aliases", unescapePath(id)))
 		}
@@ -385,7 +392,7 @@ func notRouted(method, path string) *apierr.Error {
 	return apierr.NotFound("cortex-extproc routes only POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/images/generations and /v1/messages with a JSON body, and answers GET /v1/models; %s %s is none of these and is not forwarded", method, path)
 }
 
-func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *received) (any, error) {
+func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *wire.Received) (*wire.Reply, error) {
 	if st.bodyDone {
 		// BUFFERED sends exactly one body message; in other modes (or from a
 		// confused peer) every further chunk still needs its reply.
@@ -480,17 +487,18 @@ func (st *stream) wait(ctx context.Context, w routing.Waiter) (routing.Target, *
 // headers, and for an alias the body with the model rewritten by sjson and
 // its content-length (Envoy keeps the client's content-length in BUFFERED
 // mode and rejects a body whose length differs from it). The body is sent
-// back only when it changed; a large one is never copied (codec.go).
-func (st *stream) route(msg *received, body []byte, m reqbody.Model, t *routing.Target, value string) *encoded {
+// back only when it changed; a large one is never copied (package wire).
+func (st *stream) route(msg *wire.Received, body []byte, m reqbody.Model, t *routing.Target, value string) *wire.Reply {
 	st.parts = st.srv.parts.get(st.srv.opt.Upstream, t, value)
 	if t.Model == m.ID {
 		return st.parts.routed
 	}
-	return st.parts.rewrite.rewrite(msg, body, m)
+	return st.parts.rewrite.Rewrite(msg, body, m)
 }
 
-// decided reports the decision and renders an error, if any.
-func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time) *extprocv3.ProcessingResponse {
+// decided reports the decision and renders an error, if any (nil when
+// routed).
+func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time) *wire.Reply {
 	d := time.Since(start)
 	if o := st.srv.opt.Observer; o != nil {
 		o.Decided(st.requestID, t, err, d)
@@ -508,7 +516,7 @@ func (st *stream) decided(t *routing.Target, err *apierr.Error, start time.Time)
 	return st.immediate(err)
 }
 
-func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) any {
+func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *wire.Reply {
 	// The upstream has answered: the request no longer blocks an eviction
 	// through us (the neuron's own in_flight covers the rest of a stream).
 	st.lease.Release()
@@ -524,7 +532,7 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) any {
 
 // immediate renders a client-visible error as Envoy's local reply, in
 // Anthropic's shape on /v1/messages and OpenAI's elsewhere.
-func (st *stream) immediate(e *apierr.Error) *extprocv3.ProcessingResponse {
+func (st *stream) immediate(e *apierr.Error) *wire.Reply {
 	body := e.OpenAIBody()
 	if st.anthropic {
 		body = e.AnthropicBody()
@@ -534,7 +542,21 @@ func (st *stream) immediate(e *apierr.Error) *extprocv3.ProcessingResponse {
 		hm := resp.GetImmediateResponse().Headers
 		hm.SetHeaders = append(hm.SetHeaders, setHeader("retry-after", strconv.Itoa(e.RetryAfter)))
 	}
-	return resp
+	return st.reply(resp)
+}
+
+// reply encodes a reply built for this request. Protobuf refuses only a
+// string field that is not UTF-8, and these replies carry text only in
+// header names, which are constants; should one ever fail, the stream ends
+// with Internal (Envoy then answers 500 as for any ext_proc failure) and
+// the log says why.
+func (st *stream) reply(resp *extprocv3.ProcessingResponse) *wire.Reply {
+	r, err := wire.Encode(resp)
+	if err != nil {
+		st.encodeErr = err
+		st.srv.log.Error("encoding an ext_proc reply failed; ending the stream", "request_id", st.requestID, "error", err)
+	}
+	return r
 }
 
 func jsonReply(code int, body []byte, details string) *extprocv3.ProcessingResponse {

@@ -1,4 +1,4 @@
-package extproc
+package wire
 
 import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -17,17 +17,17 @@ import (
 // sends parts of the body back holds its own references to it, which gRPC
 // releases once they are written.
 
-// received is one message from Envoy, decoded by codec.Unmarshal.
-type received struct {
-	msg extprocv3.ProcessingRequest
+// Received is one message from Envoy, decoded by Codec.Unmarshal.
+type Received struct {
+	Msg extprocv3.ProcessingRequest
 	// buf, when set, holds msg's request body at body[bodyOff:]; the
-	// stream frees it (release) after answering.
+	// stream frees it (Release) after answering.
 	buf     mem.Buffer
 	bodyOff int
 }
 
-// release gives the receive buffer back once the message is answered.
-func (r *received) release() {
+// Release gives the receive buffer back once the message is answered.
+func (r *Received) Release() {
 	if r.buf != nil {
 		r.buf.Free()
 		r.buf = nil
@@ -36,7 +36,7 @@ func (r *received) release() {
 
 // piece returns body[from:to] of r's aliased request body as a view of the
 // receive buffer for a reply, holding its own reference.
-func (r *received) piece(from, to int) mem.Buffer {
+func (r *Received) piece(from, to int) mem.Buffer {
 	return r.buf.Slice(r.bodyOff+from, r.bodyOff+to)
 }
 
@@ -45,27 +45,27 @@ func (r *received) piece(from, to int) mem.Buffer {
 const minAliasedBody = 16 << 10
 
 // unmarshal decodes data into r, aliasing a large request body.
-func (r *received) unmarshal(data mem.BufferSlice, fallback func(mem.BufferSlice, any) error) error {
+func (r *Received) unmarshal(data mem.BufferSlice, fallback func(mem.BufferSlice, any) error) error {
 	if data.Len() < minAliasedBody {
-		return fallback(data, &r.msg)
+		return fallback(data, &r.Msg)
 	}
 	return r.decode(data.MaterializeToBuffer(mem.DefaultBufferPool()))
 }
 
 // decode decodes buf into r, keeping buf (r.buf) when the body aliases it
 // and freeing it otherwise.
-func (r *received) decode(buf mem.Buffer) error {
+func (r *Received) decode(buf mem.Buffer) error {
 	b := buf.ReadOnlyData()
 	sp, ok := findBody(b)
 	if !ok {
 		defer buf.Free()
-		return proto.Unmarshal(b, &r.msg)
+		return proto.Unmarshal(b, &r.Msg)
 	}
 	hb := &extprocv3.HttpBody{}
 	// Both messages are decoded from their bytes minus one field (what is
 	// left is runs of whole fields), merging, and the body is set by hand.
 	outer := b[sp.outer.contentStart:sp.outer.contentEnd]
-	if err := unmarshalAround(b, sp.outer, &r.msg); err != nil {
+	if err := unmarshalAround(b, sp.outer, &r.Msg); err != nil {
 		buf.Free()
 		return err
 	}
@@ -74,7 +74,7 @@ func (r *received) decode(buf mem.Buffer) error {
 		return err
 	}
 	hb.Body = b[sp.inner.contentStart:sp.inner.contentEnd:sp.inner.contentEnd]
-	r.msg.Request = &extprocv3.ProcessingRequest_RequestBody{RequestBody: hb}
+	r.Msg.Request = &extprocv3.ProcessingRequest_RequestBody{RequestBody: hb}
 	r.buf, r.bodyOff = buf, sp.inner.contentStart
 	return nil
 }
@@ -102,7 +102,7 @@ var (
 func oneofNumbers(m proto.Message, name protoreflect.Name) map[protowire.Number]bool {
 	o := m.ProtoReflect().Descriptor().Oneofs().ByName(name)
 	if o == nil {
-		panic("extproc: no oneof " + string(name))
+		panic("wire: no oneof " + string(name))
 	}
 	nums := map[protowire.Number]bool{}
 	for i := 0; i < o.Fields().Len(); i++ {

@@ -1,4 +1,4 @@
-package extproc
+package wire
 
 import (
 	"bytes"
@@ -11,9 +11,9 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
-	"github.com/helexa/cortex-extproc/routing"
 )
 
 // TestRewriteReplyEncoding pins the hand-encoded rewrite reply to what
@@ -23,7 +23,7 @@ import (
 // as and shorter than its target (sjson writes in place or into its own
 // buffer), first in the body or last (sjson's rewrite, or the splice).
 func TestRewriteReplyEncoding(t *testing.T) {
-	target := routing.Target{Requested: "fleet/s", Model: "org/model-8-instruct", Node: "node-007", Cluster: "neuron-node-007", ColdStart: true}
+	target := target{requested: "fleet/s", model: "org/model-8-instruct"}
 	// Every size around the points where the nested lengths change width
 	// (they differ from the body size by up to ~130 bytes); past 2 MB,
 	// samples on both sides.
@@ -37,10 +37,10 @@ func TestRewriteReplyEncoding(t *testing.T) {
 		sizes = append(sizes, 1<<21+d)
 	}
 	sizes = append(sizes, 1<<20+3)
-	for _, up := range []Upstream{ClusterHeader{Name: HeaderCluster}, NewOriginalDst(nil)} {
+	for _, up := range []upstream{clusterHeader, originalDst} {
 		for _, size := range sizes {
-			t.Run(fmt.Sprintf("%s/%d", up.Header(), size), func(t *testing.T) {
-				checkRewriteReply(t, up, &target, jsonBody("fleet/s", size), size%2 == 1)
+			t.Run(fmt.Sprintf("%s/%d", up.header, size), func(t *testing.T) {
+				checkRewriteReply(t, up, target, jsonBody("fleet/s", size), size%2 == 1)
 			})
 		}
 	}
@@ -58,57 +58,80 @@ func TestRewriteReplyEncoding(t *testing.T) {
 			for _, aliased := range []bool{false, true} {
 				t.Run(fmt.Sprintf("%s/%s/aliased=%v", alias, body.name, aliased), func(t *testing.T) {
 					tt := target
-					tt.Requested = alias
-					checkRewriteReply(t, ClusterHeader{Name: HeaderCluster}, &tt, body.b, aliased)
+					tt.requested = alias
+					checkRewriteReply(t, clusterHeader, tt, body.b, aliased)
 				})
 			}
 		}
 	}
 }
 
+// target is the request's model and the id it is rewritten to.
+type target struct{ requested, model string }
+
+// upstream is how the reply addresses the neuron: a cluster header, or
+// original_dst's destination header plus the same value in dynamic metadata
+// (which protobuf-go writes before the reply's oneof).
+type upstream struct {
+	header, value string
+	metadata      bool
+}
+
+var (
+	clusterHeader = upstream{header: "x-cortex-cluster", value: "neuron-node-007"}
+	originalDst   = upstream{header: "x-gateway-destination-endpoint", value: "10.1.2.3:8080", metadata: true}
+)
+
+func setHeader(k, v string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: k, RawValue: []byte(v)}}
+}
+
 // checkRewriteReply checks the rewrite reply for body (whose model is
-// t.Requested), received copied or aliasing the receive buffer, against
+// tg.requested), received copied or aliasing the receive buffer, against
 // protobuf's encoding of the same message.
-func checkRewriteReply(t *testing.T, up Upstream, target *routing.Target, body []byte, aliased bool) {
+func checkRewriteReply(t *testing.T, up upstream, tg target, body []byte, aliased bool) {
 	t.Helper()
-	value := "neuron-node-007"
-	if up.DynamicMetadataKey() != "" {
-		value = "10.1.2.3:8080"
+	set := []*corev3.HeaderValueOption{
+		setHeader(up.header, up.value),
+		setHeader("x-cortex-node", "node-007"),
+		setHeader("x-cortex-model", tg.model),
+		setHeader("x-cortex-cold-start", "true"),
 	}
-	parts := newReplyParts(up, target, value)
+	var md *structpb.Struct
+	if up.metadata {
+		md = &structpb.Struct{Fields: map[string]*structpb.Value{
+			"envoy.lb": structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{
+				up.header: structpb.NewStringValue(up.value)}})}}
+	}
+	tmpl := NewRewriteTemplate(set, tg.model, &extprocv3.ProcessingResponse{DynamicMetadata: md})
 	// The body as received: copied (small bodies), or aliasing the
 	// receive buffer (large ones).
-	msg := new(received)
+	msg := new(Received)
 	if aliased {
 		if err := msg.decode(mem.SliceBuffer(marshal(t, bodyRequest(body)))); err != nil || msg.buf == nil {
 			t.Fatalf("decode: %v, aliased %v", err, msg.buf != nil)
 		}
-		body = msg.msg.GetRequestBody().GetBody()
+		body = msg.Msg.GetRequestBody().GetBody()
 	}
 	orig := bytes.Clone(body)
 	m, aerr := reqbody.Find(body)
 	if aerr != nil {
 		t.Fatal(aerr)
 	}
-	got := parts.rewrite.rewrite(msg, body, m).pieces.Materialize()
+	got := tmpl.Rewrite(msg, body, m).Bytes()
 	if !bytes.Equal(body, orig) {
 		t.Fatal("the rewrite modified the request body")
 	}
 
-	newBody := []byte(strings.Replace(string(body), `"`+target.Requested+`"`, `"`+target.Model+`"`, 1))
+	newBody := []byte(strings.Replace(string(body), `"`+tg.requested+`"`, `"`+tg.model+`"`, 1))
 	want := &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{
-			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
-				setHeader(up.Header(), value),
-				setHeader(HeaderNode, target.Node),
-				setHeader(HeaderModel, target.Model),
-				setHeader(HeaderColdStart, "true"),
-				setHeader("content-length", strconv.Itoa(len(newBody))),
-			}},
+			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: append(set[:len(set):len(set)],
+				setHeader("content-length", strconv.Itoa(len(newBody))))},
 			BodyMutation:    &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: newBody}},
 			ClearRouteCache: true,
 		}}},
-		DynamicMetadata: dynamicMetadata(up.DynamicMetadataKey(), value),
+		DynamicMetadata: md,
 	}
 	var decoded extprocv3.ProcessingResponse
 	if err := proto.Unmarshal(got, &decoded); err != nil {
@@ -119,30 +142,6 @@ func checkRewriteReply(t *testing.T, up Upstream, target *routing.Target, body [
 	}
 	if wantBytes := mustMarshal(want); !bytes.Equal(got, wantBytes) {
 		t.Errorf("encoding differs from protobuf's (%d vs %d bytes)", len(got), len(wantBytes))
-	}
-}
-
-// TestCachedRepliesDecode checks the replies cached per target decode to the
-// routing headers (an unchanged body is not sent back).
-func TestCachedRepliesDecode(t *testing.T) {
-	target := routing.Target{Model: "org/m", Node: "n1", Cluster: "neuron-n1"}
-	parts := newReplyParts(ClusterHeader{Name: HeaderCluster}, &target, "neuron-n1")
-	var routed, responded extprocv3.ProcessingResponse
-	if err := proto.Unmarshal(parts.routed.pieces.Materialize(), &routed); err != nil {
-		t.Fatal(err)
-	}
-	if err := proto.Unmarshal(parts.responded.pieces.Materialize(), &responded); err != nil {
-		t.Fatal(err)
-	}
-	common := routed.GetRequestBody().GetResponse()
-	if !common.GetClearRouteCache() || common.GetBodyMutation() != nil || len(common.GetHeaderMutation().GetSetHeaders()) != 4 {
-		t.Errorf("routed reply = %v; want 4 routing headers, the route cache cleared, no body", trim(&routed))
-	}
-	if h := common.GetHeaderMutation().GetSetHeaders()[0].GetHeader(); h.GetKey() != HeaderCluster || string(h.GetRawValue()) != "neuron-n1" {
-		t.Errorf("first header = %v; want %s: neuron-n1", h, HeaderCluster)
-	}
-	if got := len(responded.GetResponseHeaders().GetResponse().GetHeaderMutation().GetSetHeaders()); got != 3 {
-		t.Errorf("response headers reply sets %d headers; want node, model and cold start", got)
 	}
 }
 

@@ -1,4 +1,4 @@
-package extproc
+package wire
 
 import (
 	"bytes"
@@ -14,7 +14,6 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
-	"github.com/helexa/cortex-extproc/routing"
 )
 
 func marshal(t testing.TB, m proto.Message) []byte {
@@ -77,19 +76,19 @@ func TestReceivedDecodesLikeProtobuf(t *testing.T) {
 			if err := proto.Unmarshal(c.wire, &want); err != nil {
 				t.Fatal(err)
 			}
-			r := new(received)
-			if err := (codec{proto: protoCodec()}).Unmarshal(chunks(c.wire, 16<<10), r); err != nil {
+			r := new(Received)
+			if err := NewCodec().Unmarshal(chunks(c.wire, 16<<10), r); err != nil {
 				t.Fatal(err)
 			}
-			defer r.release()
-			if !proto.Equal(&r.msg, &want) {
-				t.Fatalf("decoded %v\nprotobuf %v", &r.msg, &want)
+			defer r.Release()
+			if !proto.Equal(&r.Msg, &want) {
+				t.Fatalf("decoded %v\nprotobuf %v", &r.Msg, &want)
 			}
 			if (r.buf != nil) != c.aliased {
 				t.Errorf("body aliased = %v, want %v", r.buf != nil, c.aliased)
 			}
 			if r.buf != nil {
-				body := r.msg.GetRequestBody().GetBody()
+				body := r.Msg.GetRequestBody().GetBody()
 				if !bytes.Equal(r.buf.ReadOnlyData()[r.bodyOff:r.bodyOff+len(body)], body) {
 					t.Error("bodyOff does not point at the body in the receive buffer")
 				}
@@ -108,14 +107,14 @@ func FuzzReceivedDecode(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var want extprocv3.ProcessingRequest
 		werr := proto.Unmarshal(b, &want)
-		r := new(received)
+		r := new(Received)
 		gerr := r.decode(mem.SliceBuffer(bytes.Clone(b)))
-		defer r.release()
+		defer r.Release()
 		if (werr == nil) != (gerr == nil) {
 			t.Fatalf("protobuf error %v, ours %v", werr, gerr)
 		}
-		if werr == nil && !proto.Equal(&r.msg, &want) {
-			t.Fatalf("decoded %v\nprotobuf %v", &r.msg, &want)
+		if werr == nil && !proto.Equal(&r.Msg, &want) {
+			t.Fatalf("decoded %v\nprotobuf %v", &r.Msg, &want)
 		}
 	})
 }
@@ -148,22 +147,21 @@ func TestRewriteReplyHoldsTheReceiveBuffer(t *testing.T) {
 	pool := &poisonPool{}
 	data := mem.BufferSlice{mem.NewBuffer(&wire, pool)}
 
-	r := new(received)
-	if err := (codec{proto: protoCodec()}).Unmarshal(data, r); err != nil {
+	r := new(Received)
+	if err := NewCodec().Unmarshal(data, r); err != nil {
 		t.Fatal(err)
 	}
 	data.Free() // gRPC frees what it handed the codec
 	if r.buf == nil {
 		t.Fatal("a 64 KB body was copied, not aliased")
 	}
-	m, aerr := reqbody.Find(r.msg.GetRequestBody().GetBody())
+	m, aerr := reqbody.Find(r.Msg.GetRequestBody().GetBody())
 	if aerr != nil {
 		t.Fatal(aerr)
 	}
-	target := routing.Target{Requested: "fleet/s", Model: "org/model-8", Node: "n1", Cluster: "neuron-n1"}
-	st := &stream{srv: New(nil, Options{})}
-	reply := st.route(r, r.msg.GetRequestBody().GetBody(), m, &target, "neuron-n1")
-	r.release() // the stream is done with the message
+	tmpl := NewRewriteTemplate([]*corev3.HeaderValueOption{setHeader("x-cortex-cluster", "neuron-n1")}, "org/model-8", &extprocv3.ProcessingResponse{})
+	reply := tmpl.Rewrite(r, r.Msg.GetRequestBody().GetBody(), m)
+	r.Release() // the stream is done with the message
 
 	if pool.puts != 0 {
 		t.Fatal("the receive buffer went back to its pool while a reply still referenced it")
