@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
+
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/catalogue"
@@ -188,7 +190,7 @@ func (o *recordingObserver) Evicted(node, model string) {
 }
 
 func newRig(t testing.TB, cfg ColdLoadConfig, snap *fleet.Snapshot) *rig {
-	cat := tieredCatalogue()
+	cat := ft.TieredCatalogue()
 	sizes := map[string]int64{}
 	for _, p := range cat.Models() {
 		sizes[p.LoadID()] = p.VRAMMB
@@ -311,7 +313,7 @@ func (r *rig) waiters(model string) int {
 }
 
 func twoNodes() *fleet.Snapshot {
-	return snapshot(node("beast", gpus(dev{rtx4090, 20000})), node("rig2", gpus(dev{rtx4090, 12000})))
+	return ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000))), ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 12000))))
 }
 
 func TestColdLoadManyWaitersShareOneLoad(t *testing.T) {
@@ -543,8 +545,8 @@ func TestColdLoadWaiterCap(t *testing.T) {
 
 func TestColdLoadEvictsLeastRecentlyUsedBeforeLoading(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	snap := snapshot(node("beast", gpus(dev{a100, 21920}),
-		res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
+		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	// r/b was never used through us, r/c before r/a.
@@ -571,8 +573,8 @@ func TestColdLoadEvictsLeastRecentlyUsedBeforeLoading(t *testing.T) {
 func TestColdLoadRechecksTheNeuronAfterEachEviction(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	// The neuron reports 20000 MB per resident, but each really frees 15000.
-	snap := snapshot(node("beast", gpus(dev{a100, 21920}),
-		res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
+		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	beast := r.neurons["beast"]
@@ -598,8 +600,8 @@ func TestColdLoadRechecksTheNeuronAfterEachEviction(t *testing.T) {
 
 func TestColdLoadWithoutFreshHealthCountsWhatEvictionsFreed(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	snap := snapshot(node("beast", gpus(dev{a100, 1920}),
-		res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}, res{id: "r/d", vram: 20000}))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 1920)),
+		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}, ft.Res{ID: "r/d", VRAM: 20000}))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	r.neurons["beast"].healthErr = errors.New("neuron beast: GET /health: 503")
@@ -621,7 +623,7 @@ func TestColdLoadNoRoomAfterAllTriesTheNextNodeWithoutCooldown(t *testing.T) {
 	defer r.close(t)
 	// The snapshot is stale: beast has filled up with a model it has not
 	// listed yet, so its fresh /health shows no room and nothing to evict.
-	r.neurons["beast"].resident["r/new"] = fakeResident{vram: rtx4090, devs: []int{0}}
+	r.neurons["beast"].resident["r/new"] = fakeResident{vram: ft.RTX4090, devs: []int{0}}
 
 	res := receive(t, "the waiter", r.join(t, context.Background(), "org/small"))
 	if res.err != nil || res.node != "rig2" {

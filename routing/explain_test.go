@@ -3,6 +3,8 @@ package routing
 import (
 	"testing"
 
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
+
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/catalogue"
@@ -12,11 +14,11 @@ import (
 // trace: no load, no reservation, no claim, nothing counted in flight.
 func TestExplainIsRouteWithoutEffects(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	snap := snapshot(node("beast", gpus(dev{a100, 21920}), res{id: "r/old", vram: 60000}), node("rig2", gpus(dev{rtx4090, 24564})))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)), ft.Res{ID: "r/old", VRAM: 60000}), ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 24564))))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	r.poll() // endpoints resolved
-	cat := tieredCatalogue()
+	cat := ft.TieredCatalogue()
 	router := NewRouter(func() *catalogue.Catalogue { return cat }, r.snap, r.l, r.usage)
 
 	x := router.Explain("org/big") // 40000 MB: only beast, evicting r/old

@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"testing"
 
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
+
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/catalogue"
@@ -19,8 +21,8 @@ import (
 // gone.
 func TestEvictionClaimsTheVictim(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	snap := snapshot(node("beast", gpus(dev{a100, 21920}),
-		res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
+		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	gate, started := make(chan struct{}), make(chan string, 1)
@@ -37,7 +39,7 @@ func TestEvictionClaimsTheVictim(t *testing.T) {
 	if m := n.Model("r/b"); m == nil || m.VRAMUsedMB == nil || len(m.Devices) == 0 {
 		t.Fatalf("the fleet view lost the victim's entry: %+v", m)
 	}
-	if d, _ := Decide(tieredCatalogue(), r.snap(), view, "r/b"); d.Step == StepLoaded && d.Node == "beast" {
+	if d, _ := Decide(ft.TieredCatalogue(), r.snap(), view, "r/b"); d.Step == StepLoaded && d.Node == "beast" {
 		t.Fatal("a request was routed to a model being evicted")
 	}
 	close(gate)
@@ -54,8 +56,8 @@ func TestEvictionClaimsTheVictim(t *testing.T) {
 // takes the next least recently used model instead.
 func TestEvictionSparesAModelInFlight(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	snap := snapshot(node("beast", gpus(dev{a100, 21920}),
-		res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
+		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	r.usage.Touch("beast", "r/a")
@@ -77,7 +79,7 @@ func TestEvictionSparesAModelInFlight(t *testing.T) {
 // exactly as the neuron listed it, with nothing to restore.
 func TestFailedUnloadGivesTheClaimBack(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	snap := snapshot(node("beast", gpus(dev{a100, 21920}), res{id: "r/b", vram: 20000}))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)), ft.Res{ID: "r/b", VRAM: 20000}))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	r.neurons["beast"].unloadErr = errUnload

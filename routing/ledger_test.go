@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
+
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/internal/neuron"
@@ -19,7 +21,7 @@ import (
 // Never below 0, never above the device's total.
 func TestLedgerFree(t *testing.T) {
 	l := NewLedger(nil)
-	n := node("beast", gpus(dev{rtx4090, 20000}, dev{rtx4090, 24000}))
+	n := ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000), ft.Dev(ft.RTX4090, 24000)))
 	n.HealthAt = time.Now()
 
 	loading := l.add(commitment{kind: commitLoading, node: "beast", model: "a", devices: []int{0}, perDevice: 8000})
@@ -36,17 +38,17 @@ func TestLedgerFree(t *testing.T) {
 		t.Fatalf("an eviction not yet done frees nothing: %v", got)
 	}
 	l.done(claim, finished)
-	if got := l.View().Free(n); got[1] != rtx4090 {
-		t.Fatalf("evicted 20000 on a card with 24000 free: %v, want the card's total %d", got, rtx4090)
+	if got := l.View().Free(n); got[1] != ft.RTX4090 {
+		t.Fatalf("evicted 20000 on a card with 24000 free: %v, want the card's total %d", got, ft.RTX4090)
 	}
 
 	// A reading requested after both events reflects them.
-	n2 := node("beast", gpus(dev{rtx4090, 12000}, dev{rtx4090, 24564}))
+	n2 := ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 12000), ft.Dev(ft.RTX4090, 24564)))
 	n2.HealthAt, n2.ModelsAt = finished.Add(time.Millisecond), finished.Add(time.Millisecond)
-	if got := l.View().Free(n2); got[0] != 12000 || got[1] != rtx4090 {
+	if got := l.View().Free(n2); got[0] != 12000 || got[1] != ft.RTX4090 {
 		t.Fatalf("newer reading: %v, want it as is", got)
 	}
-	l.Reconcile(snapshot(n2))
+	l.Reconcile(ft.Snapshot(n2))
 	if e := l.View().Entries(); len(e) != 0 {
 		t.Fatalf("after a reconciling poll the ledger still holds %+v", e)
 	}
@@ -62,7 +64,7 @@ func TestLedgerFree(t *testing.T) {
 // the unload; one loaded again after its eviction is routable at once.
 func TestLedgerBlocked(t *testing.T) {
 	l := NewLedger(nil)
-	n := node("beast", gpus(dev{rtx4090, 0}))
+	n := ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 0)))
 	claim := l.add(commitment{kind: commitClaimed, node: "beast", model: "m", devices: []int{0}, perDevice: 1000})
 	if !l.View().Blocked(n, "m") || l.View().Blocked(n, "other") {
 		t.Fatal("a claimed model must be blocked, and only it")
@@ -87,7 +89,7 @@ func TestLedgerBlocked(t *testing.T) {
 // A load goes to the devices that have room and sends exactly those; the
 // residents evicted for it are on those devices.
 func TestPlaceChoosesDevicesWithRoom(t *testing.T) {
-	cat := tieredCatalogue()
+	cat := ft.TieredCatalogue()
 	cases := []struct {
 		name      string
 		model     string
@@ -97,22 +99,22 @@ func TestPlaceChoosesDevicesWithRoom(t *testing.T) {
 		perDevice int64
 	}{
 		{"one device: the empty card, not the first", "org/small",
-			&fleetNode{gpus(dev{rtx4090, 4576}, dev{rtx4090, 24564}), nil}, []int{1}, nil, 8000},
+			&fleetNode{ft.GPUs(ft.Dev(ft.RTX4090, 4576), ft.Dev(ft.RTX4090, 24564)), nil}, []int{1}, nil, 8000},
 		{"tensor parallel: the two cards with room", "org/tp2",
-			&fleetNode{gpus(dev{rtx4090, 1000}, dev{rtx4090, 24564}, dev{rtx4090, 24564}), nil}, []int{1, 2}, nil, 22500},
+			&fleetNode{ft.GPUs(ft.Dev(ft.RTX4090, 1000), ft.Dev(ft.RTX4090, 24564), ft.Dev(ft.RTX4090, 24564)), nil}, []int{1, 2}, nil, 22500},
 		{"eviction frees the chosen card", "org/big",
-			&fleetNode{gpus(dev{a100, 30000}, dev{a100, 20000}),
-				[]res{{id: "r/on0", vram: 50000, devs: []int{0}}, {id: "r/on1", vram: 5000, devs: []int{1}}}},
+			&fleetNode{ft.GPUs(ft.Dev(ft.A100, 30000), ft.Dev(ft.A100, 20000)),
+				[]ft.Res{{ID: "r/on0", VRAM: 50000, Devs: []int{0}}, {ID: "r/on1", VRAM: 5000, Devs: []int{1}}}},
 			[]int{0}, []string{"r/on0"}, 40000},
 		{"only residents on the chosen cards are evicted", "org/tp2",
-			&fleetNode{gpus(dev{rtx4090, 2000}, dev{rtx4090, 2000}, dev{rtx4090, 24564}),
-				[]res{{id: "r/a0", vram: 22000, devs: []int{0}}, {id: "r/b1", vram: 22000, devs: []int{1}}}},
+			&fleetNode{ft.GPUs(ft.Dev(ft.RTX4090, 2000), ft.Dev(ft.RTX4090, 2000), ft.Dev(ft.RTX4090, 24564)),
+				[]ft.Res{{ID: "r/a0", VRAM: 22000, Devs: []int{0}}, {ID: "r/b1", VRAM: 22000, Devs: []int{1}}}},
 			[]int{2, 0}, []string{"r/a0"}, 22500},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			n := node("beast", c.node.devs, c.node.models...)
-			plan, err := Place(cat, snapshot(n), nil, cat.Profile(c.model), PlacementState{})
+			n := ft.Node("beast", c.node.devs, c.node.models...)
+			plan, err := Place(cat, ft.Snapshot(n), nil, cat.Profile(c.model), PlacementState{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -124,15 +126,15 @@ func TestPlaceChoosesDevicesWithRoom(t *testing.T) {
 }
 
 type fleetNode struct {
-	devs   []dev
-	models []res
+	devs   []ft.Device
+	models []ft.Res
 }
 
 // A model the neuron reloads is never a victim, and says why.
 func TestPlaceNeverEvictsAReloadingModel(t *testing.T) {
-	cat := tieredCatalogue()
-	n := node("beast", gpus(dev{rtx4090, 4000}), res{id: "r/reload", vram: 20000, status: neuron.StatusReloading})
-	_, err := Place(cat, snapshot(n), nil, cat.Profile("org/small"), PlacementState{})
+	cat := ft.TieredCatalogue()
+	n := ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 4000)), ft.Res{ID: "r/reload", VRAM: 20000, Status: neuron.StatusReloading})
+	_, err := Place(cat, ft.Snapshot(n), nil, cat.Profile("org/small"), PlacementState{})
 	if err == nil || err.RetryAfter != 5 || !strings.Contains(err.Message, "r/reload (reloading)") {
 		t.Fatalf("got %v, want 503 naming the reloading model", err)
 	}
@@ -142,19 +144,19 @@ func TestPlaceNeverEvictsAReloadingModel(t *testing.T) {
 // small) is not feasible there, with the numbers; with no other node it is
 // no_feasible_neuron, without Retry-After.
 func TestNeverFitsIsNotFeasible(t *testing.T) {
-	cat := tieredCatalogue()
-	small := node("rig", gpus(dev{16384, 16384}))
+	cat := ft.TieredCatalogue()
+	small := ft.Node("rig", ft.GPUs(ft.Dev(16384, 16384)))
 	ok, why := Feasible(cat.Profile("org/big"), small)
 	if ok || !strings.Contains(why, "needs 40000 MB on one device, its largest holds 16384 MB") {
 		t.Fatalf("Feasible = %v %q", ok, why)
 	}
-	_, err := Place(cat, snapshot(small), nil, cat.Profile("org/big"), PlacementState{})
+	_, err := Place(cat, ft.Snapshot(small), nil, cat.Profile("org/big"), PlacementState{})
 	if err == nil || err.Code != "no_feasible_neuron" || err.RetryAfter != 0 || !strings.Contains(err.Message, "can never fit") {
 		t.Fatalf("got %v, want no_feasible_neuron without Retry-After", err)
 	}
 	// Fits in total, just not now: that is "retry later".
-	full := node("rig", gpus(dev{a100, 1000}), res{id: "r/busy", vram: 80000, inFlight: 1})
-	_, err = Place(cat, snapshot(full), nil, cat.Profile("org/big"), PlacementState{})
+	full := ft.Node("rig", ft.GPUs(ft.Dev(ft.A100, 1000)), ft.Res{ID: "r/busy", VRAM: 80000, InFlight: 1})
+	_, err = Place(cat, ft.Snapshot(full), nil, cat.Profile("org/big"), PlacementState{})
 	if err == nil || err.RetryAfter != 5 {
 		t.Fatalf("got %v, want 503 Retry-After 5", err)
 	}
@@ -167,7 +169,7 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	// Room for one of org/big and org/rival (equal rank: each may displace
 	// the other) beside r/fill.
-	snap := snapshot(node("beast", gpus(dev{a100, 41920}), res{id: "r/fill", vram: 40000}))
+	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 41920)), ft.Res{ID: "r/fill", VRAM: 40000}))
 	r := newRig(t, ColdLoadConfig{}, snap)
 	defer r.close(t)
 	f, err := r.l.Join("org/big")
@@ -188,7 +190,7 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 	}
 	r.usage.Touch("beast", "r/fill") // used more recently than the fresh model
 	st := PlacementState{InFlight: r.usage.InFlight, LastAccess: r.usage.LastAccess}
-	cat := tieredCatalogue()
+	cat := ft.TieredCatalogue()
 	plan, perr := Place(cat, r.snap(), r.l.Commitments(), cat.Profile("org/rival"), st)
 	if perr != nil || !slices.Equal(plan.Evict, []string{"r/fill"}) {
 		t.Fatalf("plan for a rival: %+v %v; want r/fill evicted, the fresh model spared", plan, perr)
@@ -215,7 +217,7 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 // A flight whose every waiter left before it finished pins nothing.
 func TestFreshLoadWithoutWaitersIsNotPinned(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, snapshot(node("beast", gpus(dev{a100, 81920}))))
+	r := newRig(t, ColdLoadConfig{}, ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 81920)))))
 	defer r.close(t)
 	gate := make(chan struct{})
 	r.neurons["beast"].gate = gate

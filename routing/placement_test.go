@@ -7,98 +7,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/helexa/cortex-extproc/catalogue"
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
+
 	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/internal/neuron"
 )
 
-// Device sizes used by the test fleet.
-const (
-	rtx4090 = 24564
-	a100    = 81920
-)
-
-func prio(n int) *int { return &n }
-
-// tieredCatalogue has one model per residency class: 300, 200, 100 (unset),
-// a legacy pinned profile (default 1000), and a 2-device profile. Residents
-// named "r/…" are unknown to it and rank 100.
-func tieredCatalogue() *catalogue.Catalogue {
-	return catalogue.New([]*catalogue.Profile{
-		{ID: "org/big", Harness: "candle", VRAMMB: 40000, ResidencyPriority: prio(300)},
-		{ID: "org/rival", Harness: "candle", VRAMMB: 40000, ResidencyPriority: prio(300)},
-		{ID: "org/mid", Harness: "candle", VRAMMB: 16000, ResidencyPriority: prio(200)},
-		{ID: "org/small", Harness: "candle", VRAMMB: 8000},
-		{ID: "org/legacy", Harness: "candle", VRAMMB: 10000, PinnedOn: []string{"beast"}},
-		{ID: "org/ghost", Harness: "candle", VRAMMB: 1000, PinnedOn: []string{"ghost"}},
-		{ID: "org/tp2", Harness: "candle", Quant: "q8_0", Source: "helexa", VRAMMB: 45000,
-			MinDevices: 2, MinDeviceVRAMMB: 24000, ResidencyPriority: prio(300)},
-	}, nil, "")
-}
-
-type dev struct{ total, free int64 }
-
-type res struct {
-	id       string
-	vram     int64
-	devs     []int
-	inFlight int // reported by the neuron
-	status   neuron.Status
-}
-
-func gpus(devs ...dev) []dev { return devs }
-
-// node is a healthy neuron with discovery and a /health reading.
-func node(name string, devs []dev, models ...res) *fleet.Node {
-	n := &fleet.Node{Name: name, Cluster: "neuron-" + name, Healthy: true,
-		Discovery: &neuron.Discovery{Hostname: name}, Health: &neuron.Health{UptimeSecs: 100}}
-	for i, d := range devs {
-		n.Discovery.Devices = append(n.Discovery.Devices, neuron.Device{Index: i, Name: "gpu", VRAMTotalMB: d.total})
-		n.Health.Devices = append(n.Health.Devices, neuron.DeviceHealth{Index: i, VRAMFreeMB: d.free, VRAMUsedMB: d.total - d.free})
-	}
-	for _, r := range models {
-		st := r.status
-		if st == "" {
-			st = neuron.StatusLoaded
-		}
-		v := r.vram
-		devs := r.devs
-		if devs == nil {
-			devs = []int{0}
-		}
-		n.Models = append(n.Models, &fleet.Model{
-			Model:    neuron.Model{ID: r.id, Harness: "candle", Status: st, Devices: devs, VRAMUsedMB: &v},
-			InFlight: r.inFlight,
-		})
-	}
-	return n
-}
-
-func unhealthy(n *fleet.Node) *fleet.Node {
-	n.Healthy, n.LastError = false, "connection refused"
-	return n
-}
-
-func cudaBroken(n *fleet.Node) *fleet.Node {
-	r := "driver/library version mismatch"
-	n.Discovery.CUDAUnavailableReason = &r
-	return n
-}
-
-func noDiscovery(n *fleet.Node) *fleet.Node {
-	n.Discovery = nil
-	return n
-}
-
-func snapshot(nodes ...*fleet.Node) *fleet.Snapshot {
-	return &fleet.Snapshot{Nodes: nodes, Round: 1}
-}
-
 var epoch = time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
 
 func TestPlace(t *testing.T) {
-	cat := tieredCatalogue()
+	cat := ft.TieredCatalogue()
 	cases := []struct {
 		name  string
 		model string
@@ -122,75 +41,75 @@ func TestPlace(t *testing.T) {
 		{
 			name:     "pinned_on keeps a model on its nodes even when another has more room",
 			model:    "org/legacy",
-			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 12000})), node("rig2", gpus(dev{rtx4090, 24000}))),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 12000))), ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 24000)))),
 			wantNode: "beast", wantFitsNow: true, wantRanked: []string{"beast"},
 		},
 		{
 			name:  "fits in free VRAM now beats fits after evictions, even with less free",
 			model: "org/mid",
-			fleet: snapshot(
-				node("beast", gpus(dev{rtx4090, 17000})),
-				node("rig2", gpus(dev{rtx4090, 15000}, dev{rtx4090, 15000}), res{id: "r/a", vram: 8000})),
+			fleet: ft.Snapshot(
+				ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 17000))),
+				ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 15000), ft.Dev(ft.RTX4090, 15000)), ft.Res{ID: "r/a", VRAM: 8000})),
 			wantNode: "beast", wantFitsNow: true, wantRanked: []string{"beast", "rig2"},
 		},
 		{
 			name:  "fits after evictions beats no fit, even with less free",
 			model: "org/mid",
-			fleet: snapshot(
-				node("beast", gpus(dev{rtx4090, 9000}), res{id: "org/small", vram: 8000}),
-				node("rig2", gpus(dev{rtx4090, 12000}), res{id: "org/big", vram: 12000})),
+			fleet: ft.Snapshot(
+				ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 9000)), ft.Res{ID: "org/small", VRAM: 8000}),
+				ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 12000)), ft.Res{ID: "org/big", VRAM: 12000})),
 			wantNode: "beast", wantEvict: []string{"org/small"}, wantRanked: []string{"beast", "rig2"},
 		},
 		{
 			name:     "most free VRAM wins between nodes that both fit",
 			model:    "org/small",
-			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 10000})), node("rig2", gpus(dev{rtx4090, 20000}))),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 10000))), ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 20000)))),
 			wantNode: "rig2", wantFitsNow: true, wantRanked: []string{"rig2", "beast"},
 		},
 		{
 			name:     "node name breaks a full tie",
 			model:    "org/small",
-			fleet:    snapshot(node("rig2", gpus(dev{rtx4090, 20000})), node("beast", gpus(dev{rtx4090, 20000}))),
+			fleet:    ft.Snapshot(ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 20000))), ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000)))),
 			wantNode: "beast", wantFitsNow: true, wantRanked: []string{"beast", "rig2"},
 		},
 		{
 			name:  "k=2 fits only where two eligible devices each have vram_mb/2 free",
 			model: "org/tp2",
-			fleet: snapshot(
+			fleet: ft.Snapshot(
 				// 64000 MB free in all, but only one device has 22500.
-				node("beast", gpus(dev{rtx4090, 24000}, dev{rtx4090, 20000}, dev{rtx4090, 20000})),
-				node("rig2", gpus(dev{rtx4090, 23000}, dev{rtx4090, 23000}))),
+				ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 24000), ft.Dev(ft.RTX4090, 20000), ft.Dev(ft.RTX4090, 20000))),
+				ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 23000), ft.Dev(ft.RTX4090, 23000)))),
 			wantNode: "rig2", wantFitsNow: true, wantRanked: []string{"rig2", "beast"},
 		},
 		{
 			name:     "a node with cuda_unavailable_reason is never a candidate",
 			model:    "org/small",
-			fleet:    snapshot(cudaBroken(node("beast", gpus(dev{a100, 80000}))), node("rig2", gpus(dev{rtx4090, 10000}))),
+			fleet:    ft.Snapshot(ft.CUDABroken(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 80000)))), ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 10000)))),
 			wantNode: "rig2", wantFitsNow: true, wantRanked: []string{"rig2"},
 		},
 		{
 			name:     "CUDA unavailable everywhere: no_feasible_neuron with the neuron's reason",
 			model:    "org/small",
-			fleet:    snapshot(cudaBroken(node("beast", gpus(dev{a100, 80000})))),
+			fleet:    ft.Snapshot(ft.CUDABroken(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 80000))))),
 			wantCode: apierr.CodeNoFeasibleNeuron,
 			wantMsg:  []string{"beast: CUDA unavailable: driver/library version mismatch"},
 		},
 		{
 			name:  "the only feasible node is unhealthy: 503 Retry-After 3",
 			model: "org/small",
-			fleet: snapshot(
-				unhealthy(node("beast", gpus(dev{rtx4090, 20000}))),
-				cudaBroken(node("rig2", gpus(dev{rtx4090, 20000})))),
+			fleet: ft.Snapshot(
+				ft.Unhealthy(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000)))),
+				ft.CUDABroken(ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 20000))))),
 			wantCode: apierr.CodeServiceUnavailable, wantRetry: 3,
 			wantMsg: []string{"beast: unhealthy (connection refused)", "rig2: CUDA unavailable"},
 		},
 		{
 			name:  "no neuron has the devices: no_feasible_neuron names each node's constraint",
 			model: "org/tp2",
-			fleet: snapshot(
-				node("beast", gpus(dev{rtx4090, 20000})),
-				node("rig2", gpus(dev{rtx4090, 20000}, dev{12288, 12000})),
-				unhealthy(node("rig3", gpus(dev{rtx4090, 20000})))),
+			fleet: ft.Snapshot(
+				ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000))),
+				ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 20000), ft.Dev(12288, 12000))),
+				ft.Unhealthy(ft.Node("rig3", ft.GPUs(ft.Dev(ft.RTX4090, 20000))))),
 			wantCode: apierr.CodeNoFeasibleNeuron,
 			wantMsg: []string{`model "org/tp2" needs 2 devices with ≥24000 MB and 45000 MB of VRAM (22500 MB on each); no healthy neuron has them ` +
 				`(beast: 1 device; rig2: 2 devices, 1 with ≥24000 MB; rig3: 1 device)`},
@@ -198,30 +117,30 @@ func TestPlace(t *testing.T) {
 		{
 			name:     "pinned_on naming no configured neuron is a catalogue error",
 			model:    "org/ghost",
-			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 20000}))),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000)))),
 			wantCode: apierr.CodeNoFeasibleNeuron,
 			wantMsg:  []string{"pinned_on [ghost] names no configured neuron"},
 		},
 		{
 			name:  "a node whose discovery has not arrived might fit: 503 Retry-After 3",
 			model: "org/tp2",
-			fleet: snapshot(
-				noDiscovery(node("beast", nil)),
-				node("rig2", gpus(dev{rtx4090, 20000}))),
+			fleet: ft.Snapshot(
+				ft.NoDiscovery(ft.Node("beast", nil)),
+				ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 20000)))),
 			wantCode: apierr.CodeServiceUnavailable, wantRetry: 3,
 			wantMsg: []string{"beast: discovery not yet received", "rig2: 1 device"},
 		},
 		{
 			name:     "a node in cool-down after a failed load is skipped",
 			model:    "org/small",
-			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 20000})), node("rig2", gpus(dev{rtx4090, 10000}))),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000))), ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 10000)))),
 			failed:   []string{"beast"},
 			wantNode: "rig2", wantFitsNow: true, wantRanked: []string{"rig2"},
 		},
 		{
 			name:     "every candidate in cool-down: 503 Retry-After 5",
 			model:    "org/small",
-			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 20000}))),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000)))),
 			failed:   []string{"beast"},
 			wantCode: apierr.CodeServiceUnavailable, wantRetry: 5,
 			wantMsg: []string{"beast: a cold load there failed recently"},
@@ -229,16 +148,16 @@ func TestPlace(t *testing.T) {
 		{
 			name:  "evicts least recently used first; never used counts as oldest",
 			model: "org/big",
-			fleet: snapshot(node("beast", gpus(dev{a100, 5000}),
-				res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}, res{id: "r/d", vram: 20000})),
+			fleet: ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 5000)),
+				ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}, ft.Res{ID: "r/d", VRAM: 20000})),
 			lastUse:  map[string]int{"r/a": 30, "r/b": 10, "r/d": 20},
 			wantNode: "beast", wantEvict: []string{"r/c", "r/b"}, wantRanked: []string{"beast"},
 		},
 		{
 			name:  "never evicts a model with requests in flight through us",
 			model: "org/big",
-			fleet: snapshot(node("beast", gpus(dev{a100, 5000}),
-				res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000}, res{id: "r/d", vram: 20000})),
+			fleet: ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 5000)),
+				ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}, ft.Res{ID: "r/d", VRAM: 20000})),
 			lastUse:  map[string]int{"r/a": 30, "r/b": 10, "r/d": 20},
 			ours:     map[string]int{"r/c": 1},
 			wantNode: "beast", wantEvict: []string{"r/b", "r/d"}, wantRanked: []string{"beast"},
@@ -246,23 +165,23 @@ func TestPlace(t *testing.T) {
 		{
 			name:  "never evicts a model the neuron reports in flight",
 			model: "org/big",
-			fleet: snapshot(node("beast", gpus(dev{a100, 5000}),
-				res{id: "r/a", vram: 20000}, res{id: "r/b", vram: 20000}, res{id: "r/c", vram: 20000, inFlight: 2}, res{id: "r/d", vram: 20000})),
+			fleet: ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 5000)),
+				ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000, InFlight: 2}, ft.Res{ID: "r/d", VRAM: 20000})),
 			lastUse:  map[string]int{"r/a": 30, "r/b": 10, "r/d": 20},
 			wantNode: "beast", wantEvict: []string{"r/b", "r/d"}, wantRanked: []string{"beast"},
 		},
 		{
 			name:  "never evicts a higher class; an unknown resident ranks 100 and swaps with a 100",
 			model: "org/small",
-			fleet: snapshot(node("beast", gpus(dev{rtx4090, 2000}),
-				res{id: "org/mid", vram: 16000}, res{id: "r/a", vram: 6000})),
+			fleet: ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 2000)),
+				ft.Res{ID: "org/mid", VRAM: 16000}, ft.Res{ID: "r/a", VRAM: 6000})),
 			lastUse:  map[string]int{"r/a": 50},
 			wantNode: "beast", wantEvict: []string{"r/a"}, wantRanked: []string{"beast"},
 		},
 		{
 			name:     "only higher classes resident: 503 naming what blocked",
 			model:    "org/small",
-			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 2000}), res{id: "org/mid", vram: 20000})),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 2000)), ft.Res{ID: "org/mid", VRAM: 20000})),
 			wantCode: apierr.CodeServiceUnavailable, wantRetry: 5,
 			wantMsg: []string{"beast: needs 8000 MB free on one device, has 2000 MB",
 				"remaining residents are in use or rank above 100: org/mid (priority 200)"},
@@ -270,21 +189,21 @@ func TestPlace(t *testing.T) {
 		{
 			name:     "a legacy pinned profile (default 1000) is not displaced by a 300",
 			model:    "org/big",
-			fleet:    snapshot(node("beast", gpus(dev{a100, 10000}), res{id: "org/legacy", vram: 60000})),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 10000)), ft.Res{ID: "org/legacy", VRAM: 60000})),
 			wantCode: apierr.CodeServiceUnavailable, wantRetry: 5,
 			wantMsg: []string{"org/legacy (priority 1000)"},
 		},
 		{
 			name:     "a legacy pinned profile (default 1000) displaces a 300",
 			model:    "org/legacy",
-			fleet:    snapshot(node("beast", gpus(dev{a100, 2000}), res{id: "org/big", vram: 40000})),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 2000)), ft.Res{ID: "org/big", VRAM: 40000})),
 			wantNode: "beast", wantEvict: []string{"org/big"}, wantRanked: []string{"beast"},
 		},
 		{
 			name:  "max_evictions bounds the evictions: 503 when more are needed",
 			model: "org/big",
-			fleet: snapshot(node("beast", gpus(dev{a100, 5000}),
-				res{id: "r/a", vram: 15000}, res{id: "r/b", vram: 15000}, res{id: "r/c", vram: 15000})),
+			fleet: ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 5000)),
+				ft.Res{ID: "r/a", VRAM: 15000}, ft.Res{ID: "r/b", VRAM: 15000}, ft.Res{ID: "r/c", VRAM: 15000})),
 			maxEvictions: 2,
 			wantCode:     apierr.CodeServiceUnavailable, wantRetry: 5,
 			wantMsg: []string{"has 35000 MB after evicting [r/a r/b]", "cold_load.max_evictions (2) reached"},
@@ -292,24 +211,24 @@ func TestPlace(t *testing.T) {
 		{
 			name:  "a node that fits within max_evictions outranks one that would need more, despite less free",
 			model: "org/big",
-			fleet: snapshot(
-				node("beast", gpus(dev{a100, 5000}, dev{a100, 35000}),
-					res{id: "r/a", vram: 15000}, res{id: "r/b", vram: 15000}, res{id: "r/c", vram: 15000}),
-				node("rig2", gpus(dev{a100, 30000}), res{id: "r/e", vram: 15000})),
+			fleet: ft.Snapshot(
+				ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 5000), ft.Dev(ft.A100, 35000)),
+					ft.Res{ID: "r/a", VRAM: 15000}, ft.Res{ID: "r/b", VRAM: 15000}, ft.Res{ID: "r/c", VRAM: 15000}),
+				ft.Node("rig2", ft.GPUs(ft.Dev(ft.A100, 30000)), ft.Res{ID: "r/e", VRAM: 15000})),
 			maxEvictions: 2,
 			wantNode:     "rig2", wantEvict: []string{"r/e"}, wantRanked: []string{"rig2", "beast"},
 		},
 		{
 			name:     "load spec: first min_devices devices meeting the floor, tensor_parallel, source prefix, quant",
 			model:    "org/tp2",
-			fleet:    snapshot(node("beast", gpus(dev{12288, 12000}, dev{rtx4090, 24000}, dev{rtx4090, 24000}, dev{rtx4090, 24000}))),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(12288, 12000), ft.Dev(ft.RTX4090, 24000), ft.Dev(ft.RTX4090, 24000), ft.Dev(ft.RTX4090, 24000)))),
 			wantNode: "beast", wantFitsNow: true, wantRanked: []string{"beast"},
 			wantSpec: &neuron.LoadSpec{ModelID: "helexa:org/tp2", Harness: "candle", Quant: strp("q8_0"), TensorParallel: intp(2), Devices: []int{1, 2}},
 		},
 		{
 			name:     "load spec for one device: no tensor_parallel, quant null, bare id",
 			model:    "org/small",
-			fleet:    snapshot(node("beast", gpus(dev{rtx4090, 20000}, dev{rtx4090, 20000}))),
+			fleet:    ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000), ft.Dev(ft.RTX4090, 20000)))),
 			wantNode: "beast", wantFitsNow: true, wantRanked: []string{"beast"},
 			wantSpec: &neuron.LoadSpec{ModelID: "org/small", Harness: "candle", Devices: []int{0}},
 		},
@@ -369,19 +288,19 @@ func TestPlace(t *testing.T) {
 }
 
 func TestFeasibleNamesTheFailedConstraint(t *testing.T) {
-	cat := tieredCatalogue()
+	cat := ft.TieredCatalogue()
 	cases := []struct {
 		model string
 		node  *fleet.Node
 		ok    bool
 		why   string
 	}{
-		{"org/tp2", node("beast", gpus(dev{rtx4090, 0}, dev{rtx4090, 0})), true, ""},
-		{"org/tp2", node("beast", gpus(dev{rtx4090, 0})), false, "1 device"},
-		{"org/tp2", node("beast", gpus(dev{rtx4090, 0}, dev{12288, 0}, dev{12288, 0})), false, "3 devices, 1 with ≥24000 MB"},
-		{"org/legacy", node("rig2", gpus(dev{rtx4090, 0})), false, "not in pinned_on [beast]"},
-		{"org/small", noDiscovery(node("beast", nil)), false, "discovery not yet received"},
-		{"org/small", cudaBroken(node("beast", gpus(dev{rtx4090, 0}))), false, "CUDA unavailable: driver/library version mismatch"},
+		{"org/tp2", ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 0), ft.Dev(ft.RTX4090, 0))), true, ""},
+		{"org/tp2", ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 0))), false, "1 device"},
+		{"org/tp2", ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 0), ft.Dev(12288, 0), ft.Dev(12288, 0))), false, "3 devices, 1 with ≥24000 MB"},
+		{"org/legacy", ft.Node("rig2", ft.GPUs(ft.Dev(ft.RTX4090, 0))), false, "not in pinned_on [beast]"},
+		{"org/small", ft.NoDiscovery(ft.Node("beast", nil)), false, "discovery not yet received"},
+		{"org/small", ft.CUDABroken(ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 0)))), false, "CUDA unavailable: driver/library version mismatch"},
 	}
 	for _, tc := range cases {
 		ok, why := Feasible(cat.Profile(tc.model), tc.node)
