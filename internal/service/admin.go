@@ -17,19 +17,7 @@ func (s *Service) adminMux() *http.ServeMux {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		s.readyMu.Lock()
-		ready, draining := s.isReady, s.draining
-		s.readyMu.Unlock()
-		switch {
-		case draining:
-			http.Error(w, "draining\n", http.StatusServiceUnavailable)
-		case !ready:
-			http.Error(w, "not ready: waiting for the first fleet poll round\n", http.StatusServiceUnavailable)
-		default:
-			w.Write([]byte("ready\n"))
-		}
-	})
+	mux.Handle("GET /readyz", s.readiness) // ready.go
 	mux.HandleFunc("GET /debug/fleet", s.debugFleet)
 	return mux
 }

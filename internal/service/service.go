@@ -60,10 +60,9 @@ type Service struct {
 	neurons *neuronReloader                       // nil without a config file
 	// anthropic: which neurons get /v1/messages translated.
 	anthropic *anthropicRoutes
-	ready     chan struct{}
-	readyMu   sync.Mutex
-	isReady   bool
-	draining  bool
+	// readiness drives the readiness and ext_proc gRPC health statuses,
+	// /readyz and Ready() (ready.go).
+	readiness *readiness
 
 	holds     *holds        // requests held for cold loads, until Envoy has their answer
 	skipDelay chan struct{} // closed by SkipShutdownDelay
@@ -77,7 +76,7 @@ type Service struct {
 // an error here: there is no previous good one to keep) and binds both
 // listeners, so a port clash fails fast.
 func New(cfg config.Config, log *slog.Logger) (*Service, error) {
-	s := &Service{cfg: cfg, log: log, metrics: metrics.New(), ready: make(chan struct{}),
+	s := &Service{cfg: cfg, log: log, metrics: metrics.New(),
 		holds: newHolds(), skipDelay: make(chan struct{}), anthropic: newAnthropicRoutes(cfg)}
 
 	cat := catalogue.Empty()
@@ -184,8 +183,7 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	}
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(HealthLiveness, healthpb.HealthCheckResponse_SERVING)
-	s.health.SetServingStatus(HealthReadiness, healthpb.HealthCheckResponse_NOT_SERVING)
-	s.health.SetServingStatus(HealthExtProc, healthpb.HealthCheckResponse_NOT_SERVING)
+	s.readiness = newReadiness(s.health) // readiness and ext_proc: NOT_SERVING until ready
 
 	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 10 * time.Second}
 
@@ -205,8 +203,9 @@ func (s *Service) GRPCAddr() string { return s.grpcLis.Addr().String() }
 // AdminAddr is the bound admin HTTP address.
 func (s *Service) AdminAddr() string { return s.adminLis.Addr().String() }
 
-// Ready is closed once the catalogue is loaded and the first poll round finished.
-func (s *Service) Ready() <-chan struct{} { return s.ready }
+// Ready is closed once the catalogue is loaded and the first poll round
+// finished, after gRPC health says SERVING; never if the shutdown began first.
+func (s *Service) Ready() <-chan struct{} { return s.readiness.Done() }
 
 // upstreamFailed is extproc's Options.UpstreamFailed: count the signal
 // and have the poller re-poll the node (it never blocks). A node a config
@@ -276,7 +275,7 @@ func (s *Service) Run(ctx context.Context) error {
 	go func() {
 		select {
 		case <-s.poller.Ready():
-			s.setReady(true)
+			s.readiness.Ready() // ignored once draining
 			s.log.Info("ready: catalogue loaded and first poll round finished",
 				"models", len(s.store.Load().Models()), "neurons", len(s.cfg.Neurons))
 		case <-runCtx.Done():
@@ -303,30 +302,6 @@ func (s *Service) Run(ctx context.Context) error {
 	return runErr
 }
 
-func (s *Service) setReady(ready bool) {
-	s.readyMu.Lock()
-	defer s.readyMu.Unlock()
-	if s.draining && ready {
-		return
-	}
-	st := healthpb.HealthCheckResponse_NOT_SERVING
-	if ready {
-		st = healthpb.HealthCheckResponse_SERVING
-	}
-	s.isReady = ready
-	s.health.SetServingStatus(HealthReadiness, st)
-	s.health.SetServingStatus(HealthExtProc, st)
-	// Ready() only once every way of asking says ready: whoever waits for
-	// it and then checks gRPC health must see SERVING.
-	if ready {
-		select {
-		case <-s.ready:
-		default:
-			close(s.ready)
-		}
-	}
-}
-
 const (
 	// answerHeldTimeout bounds, after the loads are cancelled, the wait for
 	// every request held for one to have its 503: normally milliseconds,
@@ -348,11 +323,7 @@ const (
 // drain_timeout; then it cancels the cold loads still running and closes
 // the remaining streams once every request held for a load has its 503.
 func (s *Service) drain() {
-	s.readyMu.Lock()
-	s.draining = true
-	s.readyMu.Unlock()
-	s.health.SetServingStatus(HealthReadiness, healthpb.HealthCheckResponse_NOT_SERVING)
-	s.health.SetServingStatus(HealthExtProc, healthpb.HealthCheckResponse_NOT_SERVING)
+	s.readiness.Drain() // readiness and ext_proc NOT_SERVING, /readyz "draining", for good
 
 	if d := s.cfg.ExtProc.ShutdownDelay; d > 0 {
 		s.log.Info("shutting down: readiness NOT_SERVING; new ext_proc streams are still served until Envoy's health checks take this instance out (signal again to skip)",
