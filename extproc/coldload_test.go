@@ -15,6 +15,7 @@ import (
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/routing/coldload"
 )
 
 // coldFleet is a fleet whose neurons have nothing loaded, a catalogue model
@@ -103,13 +104,13 @@ func (f *coldFleet) loadCalls() map[string]int {
 	return out
 }
 
-func (f *coldFleet) start(t *testing.T, coldTimeout time.Duration) (*harness, *routing.ColdLoader) {
+func (f *coldFleet) start(t *testing.T, coldTimeout time.Duration) (*harness, *coldload.Loader) {
 	return f.startWithUsage(t, coldTimeout, routing.NewUsage())
 }
 
-func (f *coldFleet) startWithUsage(t *testing.T, coldTimeout time.Duration, usage *routing.Usage) (*harness, *routing.ColdLoader) {
-	loader := routing.NewColdLoader(routing.ColdLoadConfig{Timeout: coldTimeout, MaxEvictions: 3, MaxWaiters: 1000, FailureCooldown: time.Minute},
-		routing.ColdLoadDeps{
+func (f *coldFleet) startWithUsage(t *testing.T, coldTimeout time.Duration, usage *routing.Usage) (*harness, *coldload.Loader) {
+	loader := coldload.New(coldload.Config{Timeout: coldTimeout, MaxEvictions: 3, MaxWaiters: 1000, FailureCooldown: time.Minute},
+		coldload.Deps{
 			Catalogue:  func() *catalogue.Catalogue { return f.cat },
 			Fleet:      f.snap.Load,
 			Neuron:     func(n string) neuron.API { return fakeNeuron{f: f, name: n} },

@@ -16,3 +16,18 @@ func NewGRPCServer(s *Server, opts ...grpc.ServerOption) *grpc.Server {
 	extprocv3.RegisterExternalProcessorServer(g, s)
 	return g
 }
+
+// IsImmediateResponse reports whether m, a message a Process stream sends
+// (an encoded reply, or a *extprocv3.ProcessingResponse), answers the
+// request itself (an immediate response): Envoy replies to the client with
+// it and then ends the stream. For stream interceptors that must tell a
+// request answered by cortex-extproc from one routed on.
+func IsImmediateResponse(m any) bool {
+	switch r := m.(type) {
+	case *wire.Reply:
+		return r.Immediate()
+	case *extprocv3.ProcessingResponse:
+		return r.GetImmediateResponse() != nil
+	}
+	return false
+}

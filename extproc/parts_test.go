@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
@@ -80,4 +81,28 @@ func trim(r *extprocv3.ProcessingResponse) string {
 		bm.Mutation = &extprocv3.BodyMutation_Body{Body: []byte(fmt.Sprintf("<%d bytes>", len(bm.GetBody())))}
 	}
 	return c.String()
+}
+
+// TestIsImmediateResponse: a stream interceptor (the service's drain) can
+// tell a request cortex-extproc answered itself, after which Envoy ends the
+// stream, from one it routed on.
+func TestIsImmediateResponse(t *testing.T) {
+	s := New(nil, Options{})
+	st := newStream(s, nil)
+	defer st.free()
+	notRouted := st.requestHeaders(&extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+		{Key: ":method", RawValue: []byte("POST")}, {Key: ":path", RawValue: []byte("/models/load")}}}})
+	if !IsImmediateResponse(notRouted) {
+		t.Error("the 404 for POST /models/load is not reported as an immediate response")
+	}
+	target := routing.Target{Model: "org/m", Node: "n1", Cluster: "neuron-n1"}
+	parts := newReplyParts(ClusterHeader{Name: HeaderCluster}, &target, "neuron-n1")
+	if !IsImmediateResponse(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{ImmediateResponse: &extprocv3.ImmediateResponse{}}}) {
+		t.Error("an immediate response sent as a message is not reported")
+	}
+	for name, r := range map[string]any{"the headers reply": s.headersReply, "a routed body reply": parts.routed, "continue": continueBody, "a message": &extprocv3.ProcessingResponse{}} {
+		if IsImmediateResponse(r) {
+			t.Errorf("%s is reported as an immediate response", name)
+		}
+	}
 }

@@ -37,7 +37,7 @@ type Decision struct {
 
 // Decide applies routing.md steps 0–6 to one request. It is pure: the same
 // snapshots and model give the same answer. Step 5 is returned as
-// StepColdLoad for the caller to hand to the ColdLoader. A location the
+// StepColdLoad for the caller to hand to the cold-load scheduler. A location the
 // ledger's view says is being evicted (or was, after the listing) is not
 // routed to; view may be nil.
 func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, requested string) (Decision, *apierr.Error) {

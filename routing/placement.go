@@ -2,6 +2,7 @@ package routing
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -30,8 +31,27 @@ type Plan struct {
 	Evict []string
 	// Ranked is every candidate node, best first (for logs and fallback).
 	Ranked []string
+	// Victims are Evict with the devices and VRAM each gives back: what
+	// the cold-load ledger claims.
+	Victims []Victim
+}
 
-	victims []resident // Evict, with the devices and VRAM each gives back
+// Victim is a resident model an eviction would unload, and the VRAM it
+// gives back on each of its devices.
+type Victim struct {
+	Model       string
+	Devices     []int
+	PerDeviceMB int64
+}
+
+// victims are rs as eviction claims them on n.
+func victims(n *fleet.Node, rs []resident) []Victim {
+	out := make([]Victim, 0, len(rs))
+	for _, r := range rs {
+		devs, share := r.shares(n)
+		out = append(out, Victim{Model: r.id, Devices: devs, PerDeviceMB: share})
+	}
+	return out
 }
 
 // PlacementState is the live, non-snapshot input to placement. Nil funcs
@@ -499,11 +519,25 @@ func Place(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, p 
 	if !top.fitsAfter {
 		return plan, apierr.Unavailable(5, "model %q: %s; retry later, or unload a model there", p.ID, noRoom(p, top, st.MaxEvictions)).WithReason(apierr.ReasonNoRoom)
 	}
-	plan.victims = top.evict
+	plan.Victims = victims(top.node, top.evict)
 	for _, r := range top.evict {
 		plan.Evict = append(plan.Evict, r.id)
 	}
 	return plan, nil
+}
+
+// MakeRoom is the eviction step of placement for a plan already made on
+// node n, when the neuron reports less free VRAM on the plan's devices
+// than placement counted: which further residents to evict so that p fits
+// on devices given free (MB per device), within budget evictions (< 0:
+// unbounded), LRU first, never a model in flight or already claimed. An
+// error says what it would need and what blocked.
+func MakeRoom(cat *catalogue.Catalogue, p *catalogue.Profile, n *fleet.Node, devices []int, free map[int]int64, view *Commitments, st PlacementState, budget int) ([]Victim, error) {
+	fit := evaluateNode(cat, p, n, devices, free, view, st, budget)
+	if !fit.fitsAfter {
+		return nil, errors.New(noRoom(p, &fit, st.MaxEvictions))
+	}
+	return victims(n, fit.evict), nil
 }
 
 // noRoom explains why f cannot take p: what it needs, what it has after the

@@ -14,8 +14,6 @@ import (
 	"github.com/helexa/cortex-extproc/internal/neuron"
 )
 
-var epoch = time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
-
 func TestPlace(t *testing.T) {
 	cat := ft.TieredCatalogue()
 	cases := []struct {
@@ -24,7 +22,7 @@ func TestPlace(t *testing.T) {
 		fleet *fleet.Snapshot
 
 		failed       []string       // nodes in cool-down for this model
-		lastUse      map[string]int // resident → minutes after epoch of its last request (absent: never)
+		lastUse      map[string]int // resident → minutes after ft.Epoch of its last request (absent: never)
 		ours         map[string]int // resident → requests in flight through us
 		maxEvictions int
 
@@ -246,7 +244,7 @@ func TestPlace(t *testing.T) {
 				},
 				LastAccess: func(_, model string) time.Time {
 					if m, ok := tc.lastUse[model]; ok {
-						return epoch.Add(time.Duration(m) * time.Minute)
+						return ft.Epoch.Add(time.Duration(m) * time.Minute)
 					}
 					return time.Time{}
 				},

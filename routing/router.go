@@ -23,24 +23,49 @@ type Target struct {
 
 // Router is the routing entry point for the ext_proc server: it reads the
 // current catalogue, ledger and fleet snapshots, decides, and hands step 5
-// to the ColdLoader.
+// to the cold-load scheduler.
 type Router struct {
 	catalogue func() *catalogue.Catalogue
 	fleet     func() *fleet.Snapshot
-	loader    *ColdLoader
+	loader    ColdLoads
 	usage     *Usage
 	ledger    func() *Commitments
 }
 
+// ColdLoads is the cold-load scheduler as the Router uses it
+// (routing/coldload.Loader): single-flight loads and their ledger.
+type ColdLoads interface {
+	// Commitments is the ledger's current view; never nil.
+	Commitments() *Commitments
+	// Join starts a load of model (a concrete id in the catalogue) or
+	// joins the one in progress. An error is answered at once, before the
+	// caller tells Envoy to wait.
+	Join(model string) (Flight, *apierr.Error)
+	// Preview is Join without its effects: the node of a load in
+	// progress that a request would join, or the plan a new one would
+	// follow.
+	Preview(model string) (plan *Plan, joins string, err *apierr.Error)
+}
+
+// Flight is one request's place in a cold load.
+type Flight interface {
+	// Wait blocks until the load finished, answering the node it is on,
+	// or until ctx is done (a retryable 503; the load goes on).
+	Wait(ctx context.Context) (node string, err *apierr.Error)
+	// Release gives the waiter slot back, once the request holds its own
+	// lease or is gone; calls after the first do nothing.
+	Release()
+}
+
 // NewRouter builds a Router. loader may be nil, in which case a model that
 // is only in the catalogue answers 503.
-func NewRouter(cat func() *catalogue.Catalogue, fl func() *fleet.Snapshot, loader *ColdLoader, usage *Usage) *Router {
+func NewRouter(cat func() *catalogue.Catalogue, fl func() *fleet.Snapshot, loader ColdLoads, usage *Usage) *Router {
 	if usage == nil {
 		usage = NewUsage()
 	}
 	r := &Router{catalogue: cat, fleet: fl, loader: loader, usage: usage, ledger: func() *Commitments { return nil }}
 	if loader != nil {
-		r.ledger = loader.ledger.View
+		r.ledger = loader.Commitments
 	}
 	return r
 }
@@ -57,11 +82,11 @@ type Waiter interface {
 	Leave()
 }
 
-// Pending is the Waiter for a ColdLoader flight.
+// Pending is the Waiter for a cold-load flight.
 type Pending struct {
 	r      *Router
 	d      Decision
-	flight *Flight
+	flight Flight
 }
 
 // Route decides for one request. A routed request is counted in flight on
@@ -118,16 +143,16 @@ func (r *Router) route(snap *fleet.Snapshot, view *Commitments, requested string
 func (p *Pending) Model() string { return p.d.Model }
 
 // Leave implements Waiter.
-func (p *Pending) Leave() { p.flight.release() }
+func (p *Pending) Leave() { p.flight.Release() }
 
 // Wait implements Waiter. The waiter slot is given back only once the
 // request holds its own lease: until then the flight's own lease keeps the
 // fresh model from being evicted (docs/cold-loads.md).
 func (p *Pending) Wait(ctx context.Context, lease *Lease) (Target, *apierr.Error) {
-	defer p.flight.release()
+	defer p.flight.Release()
 	d := p.d
 	failed := Target{Requested: d.Requested, Model: d.Model, ColdStart: true}
-	node, err := p.flight.wait(ctx)
+	node, err := p.flight.Wait(ctx)
 	if err != nil {
 		return failed, err
 	}
@@ -191,6 +216,6 @@ func (r *Router) Explain(requested string) Explanation {
 		x.Err = apierr.Unavailable(5, "model %q is in the catalogue but loaded nowhere, and cold loads are disabled", d.Model).WithReason(apierr.ReasonColdLoadsDisabled)
 		return x
 	}
-	x.Plan, x.Joins, x.Err = r.loader.preview(d.Model)
+	x.Plan, x.Joins, x.Err = r.loader.Preview(d.Model)
 	return x
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/internal/service"
 	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/routing/coldload"
 )
 
 // Set by -ldflags "-X main.version=… -X main.commit=…".
@@ -409,12 +410,12 @@ func routeCmd(ctx context.Context, out io.Writer, cfgFile, model string, asJSON 
 	snap := p.Snapshot()
 	// The router's own dry run: the same decision and placement a request
 	// would get. The loader it holds never runs a load here.
-	loader := routing.NewColdLoader(routing.ColdLoadConfig{
+	loader := coldload.New(coldload.Config{
 		Timeout:         cfg.ColdLoad.Timeout,
 		MaxEvictions:    cfg.ColdLoad.EvictionLimit(),
 		MaxWaiters:      cfg.ColdLoad.MaxWaiters,
 		FailureCooldown: cfg.ColdLoad.Cooldown(),
-	}, routing.ColdLoadDeps{
+	}, coldload.Deps{
 		Catalogue: func() *catalogue.Catalogue { return cat },
 		Fleet:     p.Snapshot,
 		Neuron:    func(string) neuron.API { return nil },

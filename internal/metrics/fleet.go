@@ -13,7 +13,7 @@ import (
 // FleetSource is what the per-neuron gauges read at scrape time.
 type FleetSource struct {
 	Snapshot func() *fleet.Snapshot // required
-	// Ledger is the VRAM ledger's view (routing.ColdLoader.Commitments);
+	// Ledger is the VRAM ledger's view (coldload.Loader.Commitments);
 	// nil leaves out neuron_device_vram_ledger_free_bytes.
 	Ledger func() *routing.Commitments
 	// Usage counts requests in flight through this cortex-extproc; nil

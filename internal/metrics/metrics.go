@@ -283,10 +283,10 @@ func (m *Metrics) Waited(model string, d time.Duration, _ *apierr.Error) {
 	m.ColdLoadWait.WithLabelValues(m.ModelLabel(model)).Observe(d.Seconds())
 }
 
-// LoadStarted implements routing.ColdLoadObserver.
+// LoadStarted implements coldload.Observer.
 func (m *Metrics) LoadStarted(model, node string) {}
 
-// LoadFinished implements routing.ColdLoadObserver.
+// LoadFinished implements coldload.Observer.
 func (m *Metrics) LoadFinished(model, node string, ok bool, d time.Duration) {
 	result := "success"
 	if !ok {
@@ -297,12 +297,12 @@ func (m *Metrics) LoadFinished(model, node string, ok bool, d time.Duration) {
 	m.ColdLoadSeconds.WithLabelValues(label).Observe(d.Seconds())
 }
 
-// Evicted implements routing.ColdLoadObserver.
+// Evicted implements coldload.Observer.
 func (m *Metrics) Evicted(node, model string) {
 	m.Evictions.WithLabelValues(node, m.ModelLabel(model)).Inc()
 }
 
-// WaitersChanged implements routing.ColdLoadObserver.
+// WaitersChanged implements coldload.Observer.
 func (m *Metrics) WaitersChanged(n int) { m.ColdLoadWaiters.Set(float64(n)) }
 
 // PollResult records one /models poll of a neuron.

@@ -22,6 +22,7 @@ import (
 	"github.com/helexa/cortex-extproc/internal/metrics"
 	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/routing/coldload"
 )
 
 // The catalogue of the reason tests: one model per way a request can fail.
@@ -132,7 +133,7 @@ func (f *reasonFleet) publishLoaded(_ context.Context, node, model string, _ []i
 type reasonServer struct {
 	m      *metrics.Metrics
 	client extprocv3.ExternalProcessorClient
-	loader *routing.ColdLoader
+	loader *coldload.Loader
 }
 
 type serverOpts struct {
@@ -150,10 +151,10 @@ func startReasonServer(t *testing.T, f *reasonFleet, o serverOpts) *reasonServer
 	m := metrics.New()
 	m.SetCatalogue(cat, 1)
 	usage := routing.NewUsage()
-	var loader *routing.ColdLoader
+	var loader *coldload.Loader
 	if !o.noLoader {
-		loader = routing.NewColdLoader(routing.ColdLoadConfig{Timeout: cmp(o.loadTimeout, time.Hour), MaxWaiters: o.maxWaiters, FailureCooldown: time.Hour},
-			routing.ColdLoadDeps{
+		loader = coldload.New(coldload.Config{Timeout: cmp(o.loadTimeout, time.Hour), MaxWaiters: o.maxWaiters, FailureCooldown: time.Hour},
+			coldload.Deps{
 				Catalogue:  func() *catalogue.Catalogue { return cat },
 				Fleet:      f.snap.Load,
 				Neuron:     func(n string) neuron.API { return reasonNeuron{f: f, name: n} },
@@ -167,7 +168,11 @@ func startReasonServer(t *testing.T, f *reasonFleet, o serverOpts) *reasonServer
 			loader.Close(ctx)
 		})
 	}
-	r := routing.NewRouter(func() *catalogue.Catalogue { return cat }, f.snap.Load, loader, usage)
+	var loads routing.ColdLoads // nil, not a nil *coldload.Loader, without a loader
+	if loader != nil {
+		loads = loader
+	}
+	r := routing.NewRouter(func() *catalogue.Catalogue { return cat }, f.snap.Load, loads, usage)
 	srv := extproc.NewGRPCServer(extproc.New(r, extproc.Options{
 		Observer: m, MaxRequestBytes: o.maxBytes, ColdLoadTimeout: cmp(o.waitTimeout, time.Hour), Upstream: o.upstream,
 	}))

@@ -9,6 +9,7 @@ import (
 
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/routing/coldload"
 )
 
 func (s *Service) adminMux() *http.ServeMux {
@@ -24,11 +25,11 @@ func (s *Service) adminMux() *http.ServeMux {
 
 // fleetView is /debug/fleet: what the router sees now.
 type fleetView struct {
-	Catalogue catalogueView        `json:"catalogue"`
-	PollRound uint64               `json:"poll_round"`
-	Taken     time.Time            `json:"taken"`
-	Nodes     []nodeView           `json:"nodes"`
-	Loads     []routing.FlightInfo `json:"loads_in_progress"`
+	Catalogue catalogueView         `json:"catalogue"`
+	PollRound uint64                `json:"poll_round"`
+	Taken     time.Time             `json:"taken"`
+	Nodes     []nodeView            `json:"nodes"`
+	Loads     []coldload.FlightInfo `json:"loads_in_progress"`
 	// Ledger lists what loads and evictions committed beyond the last
 	// poll (docs/cold-loads.md).
 	Ledger []routing.LedgerEntry `json:"ledger"`

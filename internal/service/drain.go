@@ -166,7 +166,7 @@ func (s *watchedStream) SendMsg(m any) error {
 	if s.waiter == nil || err != nil {
 		return err
 	}
-	if r, ok := m.(*extprocv3.ProcessingResponse); ok && r.GetImmediateResponse() != nil {
+	if extproc.IsImmediateResponse(m) {
 		// Our 503: Envoy closes the stream once it has it; the count ends
 		// then (in intercept), as a stream cut now could lose the reply.
 		return nil

@@ -33,6 +33,7 @@ import (
 	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/internal/xds"
 	"github.com/helexa/cortex-extproc/routing"
+	"github.com/helexa/cortex-extproc/routing/coldload"
 )
 
 // Health service names answered on the gRPC port.
@@ -49,7 +50,7 @@ type Service struct {
 	store   *catalogue.Store
 	poller  *fleet.Poller
 	xds     *xds.Server // nil unless [xds] enabled
-	loader  *routing.ColdLoader
+	loader  *coldload.Loader
 	router  *routing.Router
 	metrics *metrics.Metrics
 	health  *health.Server
@@ -126,12 +127,12 @@ func New(cfg config.Config, log *slog.Logger) (*Service, error) {
 	}
 
 	usage := routing.NewUsage()
-	s.loader = routing.NewColdLoader(routing.ColdLoadConfig{
+	s.loader = coldload.New(coldload.Config{
 		Timeout:         cfg.ColdLoad.Timeout,
 		MaxEvictions:    cfg.ColdLoad.EvictionLimit(),
 		MaxWaiters:      cfg.ColdLoad.MaxWaiters,
 		FailureCooldown: cfg.ColdLoad.Cooldown(),
-	}, routing.ColdLoadDeps{
+	}, coldload.Deps{
 		Catalogue:    s.store.Load,
 		Fleet:        s.poller.Snapshot,
 		Neuron:       s.neuron,

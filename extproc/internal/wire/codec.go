@@ -32,7 +32,12 @@ import (
 // then releases them: a cached reply is made of plain slices (releasing
 // does nothing), a rewrite reply holds references to a receive buffer
 // (recv.go) and is sent exactly once.
-type Reply struct{ pieces mem.BufferSlice }
+type Reply struct {
+	pieces mem.BufferSlice
+	// immediate: the reply is an immediate response, after which Envoy
+	// ends the stream.
+	immediate bool
+}
 
 // Encode marshals a reply built as a message (errors, model lists,
 // translations: the cold paths). It fails only where protobuf does: a
@@ -42,7 +47,7 @@ func Encode(resp *extprocv3.ProcessingResponse) (*Reply, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Reply{pieces: mem.BufferSlice{mem.SliceBuffer(b)}}, nil
+	return &Reply{pieces: mem.BufferSlice{mem.SliceBuffer(b)}, immediate: resp.GetImmediateResponse() != nil}, nil
 }
 
 // MustEncode encodes a reply built once per server or target. Its only
@@ -50,8 +55,12 @@ func Encode(resp *extprocv3.ProcessingResponse) (*Reply, error) {
 // which config validation keeps a lowercase ASCII token), so the UTF-8
 // check, protobuf's one failure for these messages, cannot fail.
 func MustEncode(resp *extprocv3.ProcessingResponse) *Reply {
-	return &Reply{pieces: mem.BufferSlice{mem.SliceBuffer(mustMarshal(resp))}}
+	return &Reply{pieces: mem.BufferSlice{mem.SliceBuffer(mustMarshal(resp))}, immediate: resp.GetImmediateResponse() != nil}
 }
+
+// Immediate reports whether the reply is an immediate response: Envoy
+// answers the client with it and ends the stream.
+func (r *Reply) Immediate() bool { return r.immediate }
 
 // Bytes returns the reply as one encoded message (a copy; for tests and
 // diagnostics).

@@ -4,6 +4,8 @@
 package fleettest
 
 import (
+	"time"
+
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/internal/neuron"
@@ -101,3 +103,7 @@ func NoDiscovery(n *fleet.Node) *fleet.Node {
 func Snapshot(nodes ...*fleet.Node) *fleet.Snapshot {
 	return &fleet.Snapshot{Nodes: nodes, Round: 1}
 }
+
+// Epoch is the fixed time the tests' clocks and last-access times count
+// from.
+var Epoch = time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)

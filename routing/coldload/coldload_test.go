@@ -1,4 +1,4 @@
-package routing
+package coldload
 
 import (
 	"context"
@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/helexa/cortex-extproc/routing"
 
 	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 
@@ -162,10 +164,10 @@ func (f *fakeNeuron) Load(ctx context.Context, spec neuron.LoadSpec) error {
 	return nil
 }
 
-// rig is a ColdLoader over fake neurons built from a snapshot.
+// rig is a Loader over fake neurons built from a snapshot.
 type rig struct {
-	l       *ColdLoader
-	usage   *Usage
+	l       *Loader
+	usage   *routing.Usage
 	events  *eventLog
 	neurons map[string]*fakeNeuron
 	snapPtr atomic.Pointer[fleet.Snapshot]
@@ -189,19 +191,19 @@ func (o *recordingObserver) Evicted(node, model string) {
 	o.mu.Unlock()
 }
 
-func newRig(t testing.TB, cfg ColdLoadConfig, snap *fleet.Snapshot) *rig {
+func newRig(t testing.TB, cfg Config, snap *fleet.Snapshot) *rig {
 	cat := ft.TieredCatalogue()
 	sizes := map[string]int64{}
 	for _, p := range cat.Models() {
 		sizes[p.LoadID()] = p.VRAMMB
 	}
-	r := &rig{usage: NewUsage(), events: &eventLog{}, neurons: map[string]*fakeNeuron{},
+	r := &rig{usage: routing.NewUsage(), events: &eventLog{}, neurons: map[string]*fakeNeuron{},
 		marked: make(chan string, 100), obs: &recordingObserver{}}
 	r.snapPtr.Store(snap)
 	for _, n := range snap.Nodes {
 		r.neurons[n.Name] = fakeFrom(n, r.events, sizes)
 	}
-	r.l = NewColdLoader(cfg, ColdLoadDeps{
+	r.l = New(cfg, Deps{
 		Catalogue: func() *catalogue.Catalogue { return cat },
 		Fleet:     r.snapPtr.Load,
 		Neuron: func(node string) neuron.API {
@@ -318,7 +320,7 @@ func twoNodes() *fleet.Snapshot {
 
 func TestColdLoadManyWaitersShareOneLoad(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 	beast := r.neurons["beast"]
 	beast.gate = make(chan struct{})
@@ -364,7 +366,7 @@ func TestColdLoadManyWaitersShareOneLoad(t *testing.T) {
 
 func TestColdLoadCancelledWaiterLeavesTheLoadRunning(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 	beast := r.neurons["beast"]
 	beast.gate = make(chan struct{})
@@ -392,7 +394,7 @@ func TestColdLoadCancelledWaiterLeavesTheLoadRunning(t *testing.T) {
 
 func TestColdLoadWithNoWaitersLeftStillCompletes(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 	beast := r.neurons["beast"]
 	beast.gate = make(chan struct{})
@@ -415,7 +417,7 @@ func TestColdLoadWithNoWaitersLeftStillCompletes(t *testing.T) {
 
 func TestColdLoadFailureTriesTheNextNode(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 	r.neurons["beast"].loadErr = errors.New("neuron beast: POST /models/load: 422: quant q4 not found")
 
@@ -431,7 +433,7 @@ func TestColdLoadFailureTriesTheNextNode(t *testing.T) {
 
 func TestColdLoadFailureEverywhereTellsEveryWaiterWhy(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 	beast, rig2 := r.neurons["beast"], r.neurons["rig2"]
 	beast.gate = make(chan struct{})
@@ -468,10 +470,10 @@ func TestColdLoadFailureEverywhereTellsEveryWaiterWhy(t *testing.T) {
 
 func TestColdLoadCooldownExcludesTheFailedNodeUntilItExpires(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{FailureCooldown: time.Minute}, twoNodes())
+	r := newRig(t, Config{FailureCooldown: time.Minute}, twoNodes())
 	defer r.close(t)
 	var now atomic.Int64
-	now.Store(epoch.UnixNano())
+	now.Store(ft.Epoch.UnixNano())
 	r.l.now = func() time.Time { return time.Unix(0, now.Load()) }
 	beast, rig2 := r.neurons["beast"], r.neurons["rig2"]
 	beast.loadErr = errors.New("neuron beast: POST /models/load: 500: CUDA out of memory")
@@ -502,7 +504,7 @@ func TestColdLoadCooldownExcludesTheFailedNodeUntilItExpires(t *testing.T) {
 
 func TestColdLoadTimeoutAnswers503(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{Timeout: 50 * time.Millisecond}, twoNodes())
+	r := newRig(t, Config{Timeout: 50 * time.Millisecond}, twoNodes())
 	defer r.close(t)
 	r.neurons["beast"].gate = make(chan struct{}) // never opened: the load hangs
 
@@ -518,7 +520,7 @@ func TestColdLoadTimeoutAnswers503(t *testing.T) {
 
 func TestColdLoadWaiterCap(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{MaxWaiters: 2}, twoNodes())
+	r := newRig(t, Config{MaxWaiters: 2}, twoNodes())
 	defer r.close(t)
 	beast := r.neurons["beast"]
 	beast.gate = make(chan struct{})
@@ -547,7 +549,7 @@ func TestColdLoadEvictsLeastRecentlyUsedBeforeLoading(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
 		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
-	r := newRig(t, ColdLoadConfig{}, snap)
+	r := newRig(t, Config{}, snap)
 	defer r.close(t)
 	// r/b was never used through us, r/c before r/a.
 	r.usage.Touch("beast", "r/c")
@@ -575,7 +577,7 @@ func TestColdLoadRechecksTheNeuronAfterEachEviction(t *testing.T) {
 	// The neuron reports 20000 MB per resident, but each really frees 15000.
 	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
 		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
-	r := newRig(t, ColdLoadConfig{}, snap)
+	r := newRig(t, Config{}, snap)
 	defer r.close(t)
 	beast := r.neurons["beast"]
 	for id := range beast.resident {
@@ -602,7 +604,7 @@ func TestColdLoadWithoutFreshHealthCountsWhatEvictionsFreed(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 1920)),
 		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}, ft.Res{ID: "r/d", VRAM: 20000}))
-	r := newRig(t, ColdLoadConfig{}, snap)
+	r := newRig(t, Config{}, snap)
 	defer r.close(t)
 	r.neurons["beast"].healthErr = errors.New("neuron beast: GET /health: 503")
 
@@ -619,7 +621,7 @@ func TestColdLoadWithoutFreshHealthCountsWhatEvictionsFreed(t *testing.T) {
 
 func TestColdLoadNoRoomAfterAllTriesTheNextNodeWithoutCooldown(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 	// The snapshot is stale: beast has filled up with a model it has not
 	// listed yet, so its fresh /health shows no room and nothing to evict.
@@ -639,7 +641,7 @@ func TestColdLoadNoRoomAfterAllTriesTheNextNodeWithoutCooldown(t *testing.T) {
 
 func TestColdLoadMarksLoadedBeforeReleasingWaiters(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 	beast := r.neurons["beast"]
 	beast.gate = make(chan struct{})
@@ -673,7 +675,7 @@ func TestColdLoadMarksLoadedBeforeReleasingWaiters(t *testing.T) {
 
 func TestColdLoadAnswersAtOnceWhenNothingCanTakeTheModel(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	defer r.close(t)
 
 	if _, err := r.l.Join("org/tp2"); err == nil || err.Code != apierr.CodeNoFeasibleNeuron || !strings.Contains(err.Message, "beast: 1 device") {
@@ -692,7 +694,7 @@ func TestColdLoadAnswersAtOnceWhenNothingCanTakeTheModel(t *testing.T) {
 
 func TestColdLoadCloseCancelsLoadsInProgress(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, twoNodes())
+	r := newRig(t, Config{}, twoNodes())
 	beast := r.neurons["beast"]
 	beast.gate = make(chan struct{}) // never opened
 	beast.started = make(chan string, 1)
@@ -720,7 +722,7 @@ func BenchmarkColdLoadWaiters(b *testing.B) {
 	var heapPer, stackPer, releaseMS float64
 	iters := 0
 	for b.Loop() {
-		r := newRig(b, ColdLoadConfig{MaxWaiters: n}, twoNodes())
+		r := newRig(b, Config{MaxWaiters: n}, twoNodes())
 		beast := r.neurons["beast"]
 		beast.gate = make(chan struct{})
 		var before, after runtime.MemStats
@@ -761,7 +763,7 @@ func BenchmarkColdLoadWaiters(b *testing.B) {
 }
 
 // waitFlight waits as a request does and gives its slot back.
-func waitFlight(f *Flight, ctx context.Context) (string, *apierr.Error) {
-	defer f.release()
-	return f.wait(ctx)
+func waitFlight(f routing.Flight, ctx context.Context) (string, *apierr.Error) {
+	defer f.Release()
+	return f.Wait(ctx)
 }

@@ -1,4 +1,4 @@
-package routing
+package coldload
 
 import (
 	"context"
@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/helexa/cortex-extproc/routing"
 
 	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 
@@ -24,7 +26,7 @@ func TestLedgerFree(t *testing.T) {
 	n := ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 20000), ft.Dev(ft.RTX4090, 24000)))
 	n.HealthAt = time.Now()
 
-	loading := l.add(commitment{kind: commitLoading, node: "beast", model: "a", devices: []int{0}, perDevice: 8000})
+	loading := l.add(routing.Commitment{Kind: routing.CommitLoading, Node: "beast", Model: "a", Devices: []int{0}, PerDeviceMB: 8000})
 	if got := l.View().Free(n); got[0] != 12000 || got[1] != 24000 {
 		t.Fatalf("with a load in progress: %v, want [12000 24000]", got)
 	}
@@ -33,7 +35,7 @@ func TestLedgerFree(t *testing.T) {
 	if got := l.View().Free(n); got[0] != 12000 {
 		t.Fatalf("load finished after the reading: %v, want 12000 on gpu0", got)
 	}
-	claim := l.add(commitment{kind: commitClaimed, node: "beast", model: "old", devices: []int{1}, perDevice: 20000})
+	claim := l.add(routing.Commitment{Kind: routing.CommitClaimed, Node: "beast", Model: "old", Devices: []int{1}, PerDeviceMB: 20000})
 	if got := l.View().Free(n); got[1] != 24000 {
 		t.Fatalf("an eviction not yet done frees nothing: %v", got)
 	}
@@ -54,7 +56,7 @@ func TestLedgerFree(t *testing.T) {
 	}
 
 	// Over-commitment shows as 0, not as a negative figure.
-	l.add(commitment{kind: commitLoading, node: "beast", model: "b", devices: []int{0}, perDevice: 30000})
+	l.add(routing.Commitment{Kind: routing.CommitLoading, Node: "beast", Model: "b", Devices: []int{0}, PerDeviceMB: 30000})
 	if got := l.View().Free(n2); got[0] != 0 {
 		t.Fatalf("over-committed device: %v, want 0", got[0])
 	}
@@ -65,7 +67,7 @@ func TestLedgerFree(t *testing.T) {
 func TestLedgerBlocked(t *testing.T) {
 	l := NewLedger(nil)
 	n := ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 0)))
-	claim := l.add(commitment{kind: commitClaimed, node: "beast", model: "m", devices: []int{0}, perDevice: 1000})
+	claim := l.add(routing.Commitment{Kind: routing.CommitClaimed, Node: "beast", Model: "m", Devices: []int{0}, PerDeviceMB: 1000})
 	if !l.View().Blocked(n, "m") || l.View().Blocked(n, "other") {
 		t.Fatal("a claimed model must be blocked, and only it")
 	}
@@ -79,7 +81,7 @@ func TestLedgerBlocked(t *testing.T) {
 		t.Fatal("a listing requested after the unload is the truth")
 	}
 	n.ModelsAt = time.Time{}
-	again := l.add(commitment{kind: commitLoading, node: "beast", model: "m", devices: []int{0}, perDevice: 1000})
+	again := l.add(routing.Commitment{Kind: routing.CommitLoading, Node: "beast", Model: "m", Devices: []int{0}, PerDeviceMB: 1000})
 	l.done(again, time.Now())
 	if l.View().Blocked(n, "m") {
 		t.Fatal("loaded again after its eviction: must be routable")
@@ -114,7 +116,7 @@ func TestPlaceChoosesDevicesWithRoom(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			n := ft.Node("beast", c.node.devs, c.node.models...)
-			plan, err := Place(cat, ft.Snapshot(n), nil, cat.Profile(c.model), PlacementState{})
+			plan, err := routing.Place(cat, ft.Snapshot(n), nil, cat.Profile(c.model), routing.PlacementState{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -134,7 +136,7 @@ type fleetNode struct {
 func TestPlaceNeverEvictsAReloadingModel(t *testing.T) {
 	cat := ft.TieredCatalogue()
 	n := ft.Node("beast", ft.GPUs(ft.Dev(ft.RTX4090, 4000)), ft.Res{ID: "r/reload", VRAM: 20000, Status: neuron.StatusReloading})
-	_, err := Place(cat, ft.Snapshot(n), nil, cat.Profile("org/small"), PlacementState{})
+	_, err := routing.Place(cat, ft.Snapshot(n), nil, cat.Profile("org/small"), routing.PlacementState{})
 	if err == nil || err.RetryAfter != 5 || !strings.Contains(err.Message, "r/reload (reloading)") {
 		t.Fatalf("got %v, want 503 naming the reloading model", err)
 	}
@@ -146,17 +148,17 @@ func TestPlaceNeverEvictsAReloadingModel(t *testing.T) {
 func TestNeverFitsIsNotFeasible(t *testing.T) {
 	cat := ft.TieredCatalogue()
 	small := ft.Node("rig", ft.GPUs(ft.Dev(16384, 16384)))
-	ok, why := Feasible(cat.Profile("org/big"), small)
+	ok, why := routing.Feasible(cat.Profile("org/big"), small)
 	if ok || !strings.Contains(why, "needs 40000 MB on one device, its largest holds 16384 MB") {
 		t.Fatalf("Feasible = %v %q", ok, why)
 	}
-	_, err := Place(cat, ft.Snapshot(small), nil, cat.Profile("org/big"), PlacementState{})
+	_, err := routing.Place(cat, ft.Snapshot(small), nil, cat.Profile("org/big"), routing.PlacementState{})
 	if err == nil || err.Code != "no_feasible_neuron" || err.RetryAfter != 0 || !strings.Contains(err.Message, "can never fit") {
 		t.Fatalf("got %v, want no_feasible_neuron without Retry-After", err)
 	}
 	// Fits in total, just not now: that is "retry later".
 	full := ft.Node("rig", ft.GPUs(ft.Dev(ft.A100, 1000)), ft.Res{ID: "r/busy", VRAM: 80000, InFlight: 1})
-	_, err = Place(cat, ft.Snapshot(full), nil, cat.Profile("org/big"), PlacementState{})
+	_, err = routing.Place(cat, ft.Snapshot(full), nil, cat.Profile("org/big"), routing.PlacementState{})
 	if err == nil || err.RetryAfter != 5 {
 		t.Fatalf("got %v, want 503 Retry-After 5", err)
 	}
@@ -170,7 +172,7 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 	// Room for one of org/big and org/rival (equal rank: each may displace
 	// the other) beside r/fill.
 	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 41920)), ft.Res{ID: "r/fill", VRAM: 40000}))
-	r := newRig(t, ColdLoadConfig{}, snap)
+	r := newRig(t, Config{}, snap)
 	defer r.close(t)
 	f, err := r.l.Join("org/big")
 	if err != nil {
@@ -180,7 +182,7 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 	if got := receive(t, "MarkLoaded", r.marked); got != "beast org/big" {
 		t.Fatalf("marked %q", got)
 	}
-	<-f.f.done
+	<-f.(*Flight).f.done
 	if n := r.usage.InFlight("beast", "org/big"); n != 1 {
 		t.Fatalf("fresh model in flight %d before its waiter is routed, want 1 (the pin)", n)
 	}
@@ -189,16 +191,16 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 		t.Fatal("a fresh load must count as used now")
 	}
 	r.usage.Touch("beast", "r/fill") // used more recently than the fresh model
-	st := PlacementState{InFlight: r.usage.InFlight, LastAccess: r.usage.LastAccess}
+	st := routing.PlacementState{InFlight: r.usage.InFlight, LastAccess: r.usage.LastAccess}
 	cat := ft.TieredCatalogue()
-	plan, perr := Place(cat, r.snap(), r.l.Commitments(), cat.Profile("org/rival"), st)
+	plan, perr := routing.Place(cat, r.snap(), r.l.Commitments(), cat.Profile("org/rival"), st)
 	if perr != nil || !slices.Equal(plan.Evict, []string{"r/fill"}) {
 		t.Fatalf("plan for a rival: %+v %v; want r/fill evicted, the fresh model spared", plan, perr)
 	}
 	// The waiter takes its own lease and gives its slot back: the pin ends.
-	var lease Lease
+	var lease routing.Lease
 	r.usage.Use("beast", "org/big", &lease)
-	f.release()
+	f.Release()
 	if n := r.usage.InFlight("beast", "org/big"); n != 1 {
 		t.Fatalf("in flight %d after the waiter was routed, want 1 (its own lease)", n)
 	}
@@ -208,7 +210,7 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 	}
 	// Now it is an ordinary idle model, and the least recently used.
 	r.usage.Touch("beast", "r/fill")
-	plan, perr = Place(cat, r.snap(), r.l.Commitments(), cat.Profile("org/rival"), st)
+	plan, perr = routing.Place(cat, r.snap(), r.l.Commitments(), cat.Profile("org/rival"), st)
 	if perr != nil || !slices.Equal(plan.Evict, []string{"org/big"}) {
 		t.Fatalf("plan once the waiter is routed: %+v %v; want org/big evicted", plan, perr)
 	}
@@ -217,7 +219,7 @@ func TestFreshLoadIsPinnedUntilItsWaitersAreRouted(t *testing.T) {
 // A flight whose every waiter left before it finished pins nothing.
 func TestFreshLoadWithoutWaitersIsNotPinned(t *testing.T) {
 	defer goleak.VerifyNone(t)
-	r := newRig(t, ColdLoadConfig{}, ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 81920)))))
+	r := newRig(t, Config{}, ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 81920)))))
 	defer r.close(t)
 	gate := make(chan struct{})
 	r.neurons["beast"].gate = gate
@@ -231,7 +233,7 @@ func TestFreshLoadWithoutWaitersIsNotPinned(t *testing.T) {
 		t.Fatal("a cancelled wait returned no error")
 	}
 	close(gate)
-	<-f.f.done
+	<-f.(*Flight).f.done
 	if n := r.usage.InFlight("beast", "org/big"); n != 0 {
 		t.Fatalf("in flight %d for a load nobody waits for, want 0", n)
 	}

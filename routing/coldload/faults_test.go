@@ -1,18 +1,15 @@
-package routing
+package coldload
 
 import (
 	"context"
 	"reflect"
-	"sync/atomic"
 	"testing"
+
+	"github.com/helexa/cortex-extproc/routing"
 
 	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 
 	"go.uber.org/goleak"
-
-	"github.com/helexa/cortex-extproc/catalogue"
-	"github.com/helexa/cortex-extproc/internal/fleet"
-	"github.com/helexa/cortex-extproc/internal/neuron"
 )
 
 // An eviction claims its victim when the load is planned: from then on no
@@ -23,7 +20,7 @@ func TestEvictionClaimsTheVictim(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
 		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
-	r := newRig(t, ColdLoadConfig{}, snap)
+	r := newRig(t, Config{}, snap)
 	defer r.close(t)
 	gate, started := make(chan struct{}), make(chan string, 1)
 	r.neurons["beast"].gate, r.neurons["beast"].started = gate, started
@@ -39,7 +36,7 @@ func TestEvictionClaimsTheVictim(t *testing.T) {
 	if m := n.Model("r/b"); m == nil || m.VRAMUsedMB == nil || len(m.Devices) == 0 {
 		t.Fatalf("the fleet view lost the victim's entry: %+v", m)
 	}
-	if d, _ := Decide(ft.TieredCatalogue(), r.snap(), view, "r/b"); d.Step == StepLoaded && d.Node == "beast" {
+	if d, _ := routing.Decide(ft.TieredCatalogue(), r.snap(), view, "r/b"); d.Step == routing.StepLoaded && d.Node == "beast" {
 		t.Fatal("a request was routed to a model being evicted")
 	}
 	close(gate)
@@ -58,10 +55,10 @@ func TestEvictionSparesAModelInFlight(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)),
 		ft.Res{ID: "r/a", VRAM: 20000}, ft.Res{ID: "r/b", VRAM: 20000}, ft.Res{ID: "r/c", VRAM: 20000}))
-	r := newRig(t, ColdLoadConfig{}, snap)
+	r := newRig(t, Config{}, snap)
 	defer r.close(t)
 	r.usage.Touch("beast", "r/a")
-	var lease Lease
+	var lease routing.Lease
 	r.usage.Use("beast", "r/b", &lease) // a request is being answered by r/b
 	defer lease.Release()
 
@@ -80,7 +77,7 @@ func TestEvictionSparesAModelInFlight(t *testing.T) {
 func TestFailedUnloadGivesTheClaimBack(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	snap := ft.Snapshot(ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 21920)), ft.Res{ID: "r/b", VRAM: 20000}))
-	r := newRig(t, ColdLoadConfig{}, snap)
+	r := newRig(t, Config{}, snap)
 	defer r.close(t)
 	r.neurons["beast"].unloadErr = errUnload
 
@@ -92,43 +89,4 @@ func TestFailedUnloadGivesTheClaimBack(t *testing.T) {
 	if view.Blocked(r.snap().Node("beast"), "r/b") || len(view.Entries()) != 0 {
 		t.Fatalf("ledger after a failed unload: %+v; want empty", view.Entries())
 	}
-}
-
-// Route decided on one ledger view and, by the time it counted itself in
-// flight, an eviction had claimed that replica: it decides again.
-func TestRouteRedecidesWhenItsReplicaWasClaimed(t *testing.T) {
-	cat := catalogue.New([]*catalogue.Profile{{ID: "m", Harness: "candle", VRAMMB: 1000}}, nil, "")
-	withModel := func(busy int) *fleet.Model {
-		return &fleet.Model{Model: neuron.Model{ID: "m", Status: neuron.StatusLoaded}, InFlight: busy, Endpoint: "http://x:1"}
-	}
-	snap := &fleet.Snapshot{Nodes: []*fleet.Node{
-		{Name: "a", Cluster: "neuron-a", Healthy: true, Models: []*fleet.Model{withModel(0)}},
-		{Name: "b", Cluster: "neuron-b", Healthy: true, Models: []*fleet.Model{withModel(5)}},
-	}}
-	ledger := NewLedger(nil)
-	before := ledger.View()
-	ledger.add(commitment{kind: commitClaimed, node: "a", model: "m"})
-	after := ledger.View()
-	var reads atomic.Int64
-	usage := NewUsage()
-	r := NewRouter(func() *catalogue.Catalogue { return cat }, func() *fleet.Snapshot { return snap }, nil, usage)
-	r.ledger = func() *Commitments {
-		if reads.Add(1) == 1 {
-			return before
-		}
-		return after
-	}
-
-	var lease Lease
-	tg, w, err := r.Route("m", &lease)
-	if err != nil || w != nil || tg.Node != "b" {
-		t.Fatalf("Route = %+v, %v, %v; want b, the replica not claimed", tg, w, err)
-	}
-	if n := usage.InFlight("a", "m"); n != 0 {
-		t.Errorf("%d in flight left on the claimed replica", n)
-	}
-	if n := usage.InFlight("b", "m"); n != 1 {
-		t.Errorf("%d in flight on the chosen replica, want 1", n)
-	}
-	lease.Release()
 }

@@ -1,4 +1,10 @@
-package routing
+// Package coldload is the cold-load scheduler (routing.md step 5,
+// docs/cold-loads.md): single-flight loads detached from the requests that
+// wait for them, placement on the ledger's view of the fleet, evictions
+// claimed before they run, a fallback node and a cool-down after a failed
+// load, and the VRAM ledger itself. The Router reaches it through
+// routing.ColdLoads.
+package coldload
 
 import (
 	"context"
@@ -17,11 +23,12 @@ import (
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/internal/tracing"
+	"github.com/helexa/cortex-extproc/routing"
 )
 
 // Cold-load defaults (contract.md [cold_load]).
 const (
-	DefaultColdLoadTimeout = 30 * time.Minute
+	DefaultTimeout         = 30 * time.Minute
 	DefaultMaxEvictions    = 3
 	DefaultMaxWaiters      = 10000
 	DefaultFailureCooldown = 60 * time.Second
@@ -38,8 +45,8 @@ const healthTimeout = 10 * time.Second
 // markLoadedTimeout bounds the hand-off of "model just loaded" to the fleet owner.
 const markLoadedTimeout = 10 * time.Second
 
-// ColdLoadConfig tunes the ColdLoader. Zero values take the defaults.
-type ColdLoadConfig struct {
+// Config tunes the Loader. Zero values take the defaults.
+type Config struct {
 	// Timeout bounds one flight, evictions and fallback included (default 30m).
 	Timeout time.Duration
 	// MaxEvictions bounds unloads per load attempt (default 3; negative: never evict).
@@ -51,9 +58,9 @@ type ColdLoadConfig struct {
 	FailureCooldown time.Duration
 }
 
-func (c ColdLoadConfig) withDefaults() ColdLoadConfig {
+func (c Config) withDefaults() Config {
 	if c.Timeout <= 0 {
-		c.Timeout = DefaultColdLoadTimeout
+		c.Timeout = DefaultTimeout
 	}
 	if c.MaxEvictions == 0 {
 		c.MaxEvictions = DefaultMaxEvictions
@@ -67,9 +74,9 @@ func (c ColdLoadConfig) withDefaults() ColdLoadConfig {
 	return c
 }
 
-// ColdLoadObserver receives cold-load events for metrics and tracing. Its
+// Observer receives cold-load events for metrics and tracing. Its
 // methods are called from many goroutines and must not block.
-type ColdLoadObserver interface {
+type Observer interface {
 	LoadStarted(model, node string)
 	LoadFinished(model, node string, ok bool, d time.Duration)
 	Evicted(node, model string)
@@ -84,8 +91,8 @@ func (noopObserver) LoadFinished(string, string, bool, time.Duration) {}
 func (noopObserver) Evicted(string, string)                           {}
 func (noopObserver) WaitersChanged(int)                               {}
 
-// ColdLoadDeps is what the ColdLoader reads and calls.
-type ColdLoadDeps struct {
+// Deps is what the Loader reads and calls.
+type Deps struct {
 	Catalogue func() *catalogue.Catalogue
 	Fleet     func() *fleet.Snapshot
 	Neuron    func(node string) neuron.API // nil if unknown
@@ -96,9 +103,9 @@ type ColdLoadDeps struct {
 	// FleetChanged, when set, signals each new fleet snapshot (the
 	// poller's Changed): the ledger is reconciled with every poll.
 	FleetChanged func() <-chan struct{}
-	Usage        *Usage
+	Usage        *routing.Usage
 	Log          *slog.Logger
-	Observer     ColdLoadObserver // may be nil
+	Observer     Observer // may be nil
 }
 
 // FlightInfo describes a load in progress (for /debug/fleet).
@@ -109,16 +116,16 @@ type FlightInfo struct {
 	Waiters int       `json:"waiters"`
 }
 
-// ColdLoader runs cold loads single-flight: one POST /models/load per model
+// Loader runs cold loads single-flight: one POST /models/load per model
 // at a time however many requests wait for it. A load runs detached from
 // the requests that started or joined it, bounded by its own timeout, so a
 // client that hangs up stops only its own wait.
-type ColdLoader struct {
-	cfg   ColdLoadConfig
-	deps  ColdLoadDeps
+type Loader struct {
+	cfg   Config
+	deps  Deps
 	log   *slog.Logger
-	obs   ColdLoadObserver
-	usage *Usage
+	obs   Observer
+	usage *routing.Usage
 	now   func() time.Time // the clock for cool-downs; tests replace it
 
 	// ctx parents every load; Close cancels it once its grace is over.
@@ -145,8 +152,11 @@ type ColdLoader struct {
 	// failMu is separate from mu because placement, which Join runs under
 	// mu, reads the cool-downs.
 	failMu   sync.Mutex
-	failures map[usageKey]loadFailure
+	failures map[nodeModel]loadFailure
 }
+
+// nodeModel keys the cool-downs.
+type nodeModel struct{ node, model string }
 
 type loadFailure struct {
 	until  time.Time
@@ -166,21 +176,21 @@ type flight struct {
 	// pin counts the fresh model in flight on its node from the moment it
 	// is marked loaded until every waiter holds its own lease (or left):
 	// nothing evicts it before the requests that waited for it are routed.
-	pin Lease
+	pin routing.Lease
 }
 
 // Flight is one request's place in a flight. Wait must be called exactly
 // once for each Flight that Join returns, to give the waiter slot back.
 type Flight struct {
-	l        *ColdLoader
+	l        *Loader
 	f        *flight
 	released atomic.Bool
 }
 
-// NewColdLoader builds a ColdLoader. Catalogue, Fleet and Neuron are required.
-func NewColdLoader(cfg ColdLoadConfig, deps ColdLoadDeps) *ColdLoader {
+// New builds a Loader. Catalogue, Fleet and Neuron are required.
+func New(cfg Config, deps Deps) *Loader {
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &ColdLoader{
+	l := &Loader{
 		cfg:      cfg.withDefaults(),
 		deps:     deps,
 		log:      deps.Log,
@@ -190,7 +200,7 @@ func NewColdLoader(cfg ColdLoadConfig, deps ColdLoadDeps) *ColdLoader {
 		ctx:      ctx,
 		cancel:   cancel,
 		flights:  map[string]*flight{},
-		failures: map[usageKey]loadFailure{},
+		failures: map[nodeModel]loadFailure{},
 	}
 	if l.log == nil {
 		l.log = slog.New(slog.DiscardHandler)
@@ -199,7 +209,7 @@ func NewColdLoader(cfg ColdLoadConfig, deps ColdLoadDeps) *ColdLoader {
 		l.obs = noopObserver{}
 	}
 	if l.usage == nil {
-		l.usage = NewUsage()
+		l.usage = routing.NewUsage()
 	}
 	l.ledger = NewLedger(l.log)
 	l.stopReconcile, l.reconciled = make(chan struct{}), make(chan struct{})
@@ -212,10 +222,10 @@ func NewColdLoader(cfg ColdLoadConfig, deps ColdLoadDeps) *ColdLoader {
 }
 
 // Commitments is the ledger's current view (for /debug/fleet and route).
-func (l *ColdLoader) Commitments() *Commitments { return l.ledger.View() }
+func (l *Loader) Commitments() *routing.Commitments { return l.ledger.View() }
 
 // reconcileLoop reconciles the ledger with every fleet snapshot until Close.
-func (l *ColdLoader) reconcileLoop() {
+func (l *Loader) reconcileLoop() {
 	defer close(l.reconciled)
 	for {
 		changed := l.deps.FleetChanged()
@@ -232,7 +242,7 @@ func (l *ColdLoader) reconcileLoop() {
 // one in progress. A new flight is placed synchronously, so an infeasible
 // model, a full waiter cap or a model in cool-down is answered at once,
 // before the caller tells Envoy to wait.
-func (l *ColdLoader) Join(model string) (*Flight, *apierr.Error) {
+func (l *Loader) Join(model string) (routing.Flight, *apierr.Error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
@@ -265,9 +275,9 @@ func (l *ColdLoader) Join(model string) (*Flight, *apierr.Error) {
 	return &Flight{l: l, f: f}, nil
 }
 
-// preview is Join without its effects: the load in progress that a
+// Preview is Join without its effects: the load in progress that a
 // request would join, or the plan a new one would follow.
-func (l *ColdLoader) preview(model string) (*Plan, string, *apierr.Error) {
+func (l *Loader) Preview(model string) (*routing.Plan, string, *apierr.Error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if f := l.flights[model]; f != nil {
@@ -279,18 +289,18 @@ func (l *ColdLoader) preview(model string) (*Plan, string, *apierr.Error) {
 		return nil, "", apierr.ModelNotFound("model %q is not in the catalogue, so it cannot be cold-loaded", model)
 	}
 	view := l.ledger.View()
-	plan, err := Place(cat, l.deps.Fleet(), view, p, l.placementState(nil))
+	plan, err := routing.Place(cat, l.deps.Fleet(), view, p, l.placementState(nil))
 	if err != nil {
 		return nil, "", l.withRecentFailures(model, err)
 	}
 	return &plan, "", nil
 }
 
-// wait blocks until the load finished, answering the node it is loaded on,
+// Wait blocks until the load finished, answering the node it is loaded on,
 // or until ctx is done (the caller's own deadline or hang-up), answering a
 // retryable 503; the load goes on for the other waiters. The caller gives
-// the waiter slot back with release once it holds its own lease.
-func (w *Flight) wait(ctx context.Context) (node string, err *apierr.Error) {
+// the waiter slot back with Release once it holds its own lease.
+func (w *Flight) Wait(ctx context.Context) (node string, err *apierr.Error) {
 	select {
 	case <-w.f.done:
 		return w.f.resNode, w.f.resErr
@@ -305,9 +315,9 @@ func (w *Flight) wait(ctx context.Context) (node string, err *apierr.Error) {
 	}
 }
 
-// release gives the waiter slot back; the last waiter of a finished flight
+// Release gives the waiter slot back; the last waiter of a finished flight
 // also ends the flight's pin on the fresh model.
-func (w *Flight) release() {
+func (w *Flight) Release() {
 	if w.released.CompareAndSwap(false, true) {
 		if w.f.waiters.Add(-1) == 0 && w.f.finished() {
 			w.f.pin.Release()
@@ -325,7 +335,7 @@ func (f *flight) finished() bool {
 	}
 }
 
-func (l *ColdLoader) addWaiter() *apierr.Error {
+func (l *Loader) addWaiter() *apierr.Error {
 	n := l.waiters.Add(1)
 	if n > int64(l.cfg.MaxWaiters) {
 		l.waiters.Add(-1)
@@ -335,12 +345,12 @@ func (l *ColdLoader) addWaiter() *apierr.Error {
 	return nil
 }
 
-func (l *ColdLoader) dropWaiter() {
+func (l *Loader) dropWaiter() {
 	l.obs.WaitersChanged(int(l.waiters.Add(-1)))
 }
 
 // InProgress lists the loads in progress, by model.
-func (l *ColdLoader) InProgress() []FlightInfo {
+func (l *Loader) InProgress() []FlightInfo {
 	l.mu.Lock()
 	out := make([]FlightInfo, 0, len(l.flights))
 	for _, f := range l.flights {
@@ -353,7 +363,7 @@ func (l *ColdLoader) InProgress() []FlightInfo {
 
 // Close refuses new loads and waits for those in progress until ctx is done;
 // then it cancels them (their waiters get a 503) and waits for them to stop.
-func (l *ColdLoader) Close(ctx context.Context) {
+func (l *Loader) Close(ctx context.Context) {
 	l.mu.Lock()
 	if !l.closed {
 		close(l.stopReconcile)
@@ -375,7 +385,7 @@ func (l *ColdLoader) Close(ctx context.Context) {
 	l.cancel()
 }
 
-func (l *ColdLoader) catalogue() *catalogue.Catalogue {
+func (l *Loader) catalogue() *catalogue.Catalogue {
 	if c := l.deps.Catalogue(); c != nil {
 		return c
 	}
@@ -384,8 +394,8 @@ func (l *ColdLoader) catalogue() *catalogue.Catalogue {
 
 // placementState is the live state placement reads; exclude adds nodes
 // this flight already tried (the cool-down may be disabled).
-func (l *ColdLoader) placementState(exclude map[string]bool) PlacementState {
-	return PlacementState{
+func (l *Loader) placementState(exclude map[string]bool) routing.PlacementState {
+	return routing.PlacementState{
 		Failed: func(node, model string) bool {
 			return exclude[node] || l.inCooldown(node, model)
 		},
@@ -395,10 +405,10 @@ func (l *ColdLoader) placementState(exclude map[string]bool) PlacementState {
 	}
 }
 
-func (l *ColdLoader) inCooldown(node, model string) bool {
+func (l *Loader) inCooldown(node, model string) bool {
 	l.failMu.Lock()
 	defer l.failMu.Unlock()
-	k := usageKey{node, model}
+	k := nodeModel{node, model}
 	fl, ok := l.failures[k]
 	if !ok {
 		return false
@@ -411,19 +421,19 @@ func (l *ColdLoader) inCooldown(node, model string) bool {
 }
 
 // markFailed puts (node, model) in cool-down.
-func (l *ColdLoader) markFailed(node, model, reason string) {
+func (l *Loader) markFailed(node, model, reason string) {
 	if l.cfg.FailureCooldown < 0 {
 		return
 	}
 	l.failMu.Lock()
-	l.failures[usageKey{node, model}] = loadFailure{until: l.now().Add(l.cfg.FailureCooldown), reason: reason}
+	l.failures[nodeModel{node, model}] = loadFailure{until: l.now().Add(l.cfg.FailureCooldown), reason: reason}
 	l.failMu.Unlock()
 }
 
 // withRecentFailures adds the reasons of the failed loads that put model's
 // nodes in cool-down to a placement error, so the client and the operator
 // see why instead of only "cool-down".
-func (l *ColdLoader) withRecentFailures(model string, err *apierr.Error) *apierr.Error {
+func (l *Loader) withRecentFailures(model string, err *apierr.Error) *apierr.Error {
 	now := l.now()
 	var parts []string
 	l.failMu.Lock()
@@ -445,7 +455,7 @@ func (l *ColdLoader) withRecentFailures(model string, err *apierr.Error) *apierr
 // committed is a plan with the ledger commitments it took: its devices
 // reserved, its victims claimed (one claim per Evict entry, in order).
 type committed struct {
-	Plan
+	routing.Plan
 	reservation uint64
 	claims      []uint64
 }
@@ -459,28 +469,26 @@ const maxPlanTries = 3
 // them. A victim found in flight once claimed (a request was routed to it
 // between the view and the claim) calls the plan off, and placement runs
 // again without it.
-func (l *ColdLoader) plan(p *catalogue.Profile, exclude map[string]bool) (committed, *apierr.Error) {
+func (l *Loader) plan(p *catalogue.Profile, exclude map[string]bool) (committed, *apierr.Error) {
 	cat := l.catalogue()
 	for try := 1; ; try++ {
 		l.ledger.Reconcile(l.deps.Fleet())
 		view := l.ledger.View() // before the snapshot: see Place
 		snap := l.deps.Fleet()
-		plan, err := Place(cat, snap, view, p, l.placementState(exclude))
+		plan, err := routing.Place(cat, snap, view, p, l.placementState(exclude))
 		if err != nil {
 			return committed{}, err
 		}
 		c := committed{Plan: plan}
-		c.reservation = l.ledger.add(commitment{kind: commitLoading, node: plan.Node, model: p.ID,
-			devices: plan.Spec.Devices, perDevice: plan.PerDeviceMB})
-		n := snap.Node(plan.Node)
+		c.reservation = l.ledger.add(routing.Commitment{Kind: routing.CommitLoading, Node: plan.Node, Model: p.ID,
+			Devices: plan.Spec.Devices, PerDeviceMB: plan.PerDeviceMB})
 		var busy []string
-		for _, v := range plan.victims {
-			devs, share := v.shares(n)
-			c.claims = append(c.claims, l.ledger.add(commitment{kind: commitClaimed, node: plan.Node, model: v.id, devices: devs, perDevice: share}))
+		for _, v := range plan.Victims {
+			c.claims = append(c.claims, l.claim(plan.Node, v))
 			// Claimed, then checked: Router.Route counts itself in flight,
 			// then checks for a claim, so one of the two sees the other.
-			if l.usage.InFlight(plan.Node, v.id) > 0 {
-				busy = append(busy, v.id)
+			if l.usage.InFlight(plan.Node, v.Model) > 0 {
+				busy = append(busy, v.Model)
 			}
 		}
 		if len(busy) == 0 {
@@ -493,15 +501,21 @@ func (l *ColdLoader) plan(p *catalogue.Profile, exclude map[string]bool) (commit
 	}
 }
 
+// claim records an eviction planned on node: from now on v is neither
+// routed to nor counted or evicted by another plan.
+func (l *Loader) claim(node string, v routing.Victim) uint64 {
+	return l.ledger.add(routing.Commitment{Kind: routing.CommitClaimed, Node: node, Model: v.Model, Devices: v.Devices, PerDeviceMB: v.PerDeviceMB})
+}
+
 // callOff drops what c committed and did not do: its reservation and the
 // claims from index i on (the evictions not yet made).
-func (l *ColdLoader) callOff(c committed, i int) {
+func (l *Loader) callOff(c committed, i int) {
 	l.ledger.drop(append(slices.Clone(c.claims[i:]), c.reservation)...)
 }
 
 // run is one flight: try the planned node, on failure the next candidate
 // once, then release every waiter with the outcome.
-func (l *ColdLoader) run(f *flight, p *catalogue.Profile, c committed) {
+func (l *Loader) run(f *flight, p *catalogue.Profile, c committed) {
 	defer l.wg.Done()
 	ctx, cancel := context.WithTimeout(l.ctx, l.cfg.Timeout)
 	defer cancel()
@@ -540,7 +554,7 @@ func (l *ColdLoader) run(f *flight, p *catalogue.Profile, c committed) {
 
 // failureReason classifies a flight that gave up: stopped by Close, out of
 // time, a load that failed, or only room that could not be made.
-func (l *ColdLoader) failureReason(ctx context.Context, loadFailed bool) apierr.Reason {
+func (l *Loader) failureReason(ctx context.Context, loadFailed bool) apierr.Reason {
 	switch {
 	case l.ctx.Err() != nil:
 		return apierr.ReasonShuttingDown
@@ -553,7 +567,7 @@ func (l *ColdLoader) failureReason(ctx context.Context, loadFailed bool) apierr.
 }
 
 // nextStep is what the final failure message tells the operator to do.
-func (l *ColdLoader) nextStep(loadFailed bool) string {
+func (l *Loader) nextStep(loadFailed bool) string {
 	switch {
 	case l.ctx.Err() != nil:
 		return "; retry against another cortex-extproc instance"
@@ -566,7 +580,7 @@ func (l *ColdLoader) nextStep(loadFailed bool) string {
 }
 
 // nextPlan re-places p without the nodes already tried, or says why not.
-func (l *ColdLoader) nextPlan(ctx context.Context, p *catalogue.Profile, tried map[string]bool, attempt int) (committed, string) {
+func (l *Loader) nextPlan(ctx context.Context, p *catalogue.Profile, tried map[string]bool, attempt int) (committed, string) {
 	if ctx.Err() != nil {
 		return committed{}, "the load's time is up"
 	}
@@ -586,7 +600,7 @@ func (l *ColdLoader) nextPlan(ctx context.Context, p *catalogue.Profile, tried m
 }
 
 // describe turns an attempt's error into the reason shown to clients and logs.
-func (l *ColdLoader) describe(ctx context.Context, err error) string {
+func (l *Loader) describe(ctx context.Context, err error) string {
 	switch {
 	case l.ctx.Err() != nil:
 		return "cortex-extproc is shutting down"
@@ -598,7 +612,7 @@ func (l *ColdLoader) describe(ctx context.Context, err error) string {
 
 // finish publishes the outcome and releases the waiters. On success the
 // model is already recorded (commitLoaded), so released requests find it.
-func (l *ColdLoader) finish(f *flight, node string, err *apierr.Error) {
+func (l *Loader) finish(f *flight, node string, err *apierr.Error) {
 	f.resNode, f.resErr = node, err
 	l.mu.Lock()
 	delete(l.flights, f.model)
@@ -612,7 +626,7 @@ func (l *ColdLoader) finish(f *flight, node string, err *apierr.Error) {
 }
 
 // attempt makes room on c.Node and loads p there.
-func (l *ColdLoader) attempt(ctx context.Context, f *flight, p *catalogue.Profile, c committed) error {
+func (l *Loader) attempt(ctx context.Context, f *flight, p *catalogue.Profile, c committed) error {
 	node := c.Node
 	api := l.deps.Neuron(node)
 	if api == nil {
@@ -639,7 +653,7 @@ func (l *ColdLoader) attempt(ctx context.Context, f *flight, p *catalogue.Profil
 // neuron, then loads. The victims were claimed when the plan was made: no
 // request is routed to them and no other plan counts them. An unload that
 // fails gives the rest back untouched.
-func (l *ColdLoader) evictAndLoad(ctx context.Context, api neuron.API, p *catalogue.Profile, c *committed) error {
+func (l *Loader) evictAndLoad(ctx context.Context, api neuron.API, p *catalogue.Profile, c *committed) error {
 	evicted := 0
 	for {
 		for ; evicted < len(c.Evict); evicted++ {
@@ -679,7 +693,7 @@ func (l *ColdLoader) evictAndLoad(ctx context.Context, api neuron.API, p *catalo
 // cold_load.max_evictions; when nothing more may go it fails, and the
 // attempt moves on without a cool-down. Without an answer it trusts the
 // plan.
-func (l *ColdLoader) confirmRoom(ctx context.Context, api neuron.API, p *catalogue.Profile, c *committed) (more bool, err error) {
+func (l *Loader) confirmRoom(ctx context.Context, api neuron.API, p *catalogue.Profile, c *committed) (more bool, err error) {
 	hctx, cancel := context.WithTimeout(ctx, healthTimeout)
 	h, herr := api.Health(hctx)
 	cancel()
@@ -692,11 +706,10 @@ func (l *ColdLoader) confirmRoom(ctx context.Context, api neuron.API, p *catalog
 		free[d.Index] = d.VRAMFreeMB
 	}
 	// Other loads in progress on this node have their VRAM to come.
-	view := l.ledger.View()
-	for _, cm := range view.byNode[c.Node] {
-		if cm.kind == commitLoading && cm.model != p.ID {
-			for _, d := range cm.devices {
-				free[d] -= cm.perDevice
+	for _, cm := range l.ledger.View().On(c.Node) {
+		if cm.Kind == routing.CommitLoading && cm.Model != p.ID {
+			for _, d := range cm.Devices {
+				free[d] -= cm.PerDeviceMB
 			}
 		}
 	}
@@ -723,29 +736,30 @@ func (l *ColdLoader) confirmRoom(ctx context.Context, api neuron.API, p *catalog
 	case l.cfg.MaxEvictions > 0:
 		budget = max(l.cfg.MaxEvictions-len(c.Evict), 0)
 	}
-	fit := evaluateNode(l.catalogue(), p, n, c.Spec.Devices, free, l.ledger.View(), l.placementState(nil), budget)
-	if !fit.fitsAfter {
-		return false, fmt.Errorf("no room after all: %s (the neuron's own /health, after %d eviction(s))", noRoom(p, &fit, l.cfg.MaxEvictions), len(c.Evict))
+	evict, err := routing.MakeRoom(l.catalogue(), p, n, c.Spec.Devices, free, l.ledger.View(), l.placementState(nil), budget)
+	if err != nil {
+		return false, fmt.Errorf("no room after all: %v (the neuron's own /health, after %d eviction(s))", err, len(c.Evict))
 	}
-	for _, v := range fit.evict {
-		devs, share := v.shares(n)
-		id := l.ledger.add(commitment{kind: commitClaimed, node: c.Node, model: v.id, devices: devs, perDevice: share})
-		if l.usage.InFlight(c.Node, v.id) > 0 { // see plan
+	names := make([]string, 0, len(evict))
+	for _, v := range evict {
+		id := l.claim(c.Node, v)
+		if l.usage.InFlight(c.Node, v.Model) > 0 { // see plan
 			l.ledger.drop(id)
-			return false, fmt.Errorf("no room after all: %s is in use", v.id)
+			return false, fmt.Errorf("no room after all: %s is in use", v.Model)
 		}
-		c.Evict = append(c.Evict, v.id)
+		c.Evict = append(c.Evict, v.Model)
 		c.claims = append(c.claims, id)
+		names = append(names, v.Model)
 	}
-	l.log.Info("the neuron reports less free VRAM than planned; evicting more", "node", c.Node, "incoming", p.ID, "evicting", fit.evict)
-	return len(fit.evict) > 0, nil
+	l.log.Info("the neuron reports less free VRAM than planned; evicting more", "node", c.Node, "incoming", p.ID, "evicting", names)
+	return len(evict) > 0, nil
 }
 
 // commitLoaded records a finished load, in this order: its VRAM stays taken
 // in the ledger; the flight's pin makes it in use, touched now; then the
 // fleet lists it, on its devices. Whatever plans on that node next sees
 // the model's VRAM gone and cannot evict it before its waiters are routed.
-func (l *ColdLoader) commitLoaded(f *flight, p *catalogue.Profile, c committed) {
+func (l *Loader) commitLoaded(f *flight, p *catalogue.Profile, c committed) {
 	l.ledger.done(c.reservation, time.Now())
 	l.usage.Use(c.Node, p.ID, &f.pin)
 	if l.deps.MarkLoaded == nil {
