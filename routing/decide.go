@@ -1,7 +1,9 @@
 // Package routing decides which neuron serves a request (routing.md): a pure
-// decision over immutable catalogue and fleet snapshots, placement for cold
-// loads, and the cold loader that performs them. It knows GPUs and nothing
-// about Envoy's protocol.
+// decision over immutable catalogue and fleet snapshots, placement and
+// eviction for cold loads, the cold-load ledger's view, and leases. The
+// Router ties them together and hands cold loads to the scheduler
+// (routing/coldload) through ColdLoads. It knows GPUs and nothing about
+// Envoy's protocol.
 package routing
 
 import (
