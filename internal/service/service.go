@@ -276,9 +276,10 @@ func (s *Service) Run(ctx context.Context) error {
 	go func() {
 		select {
 		case <-s.poller.Ready():
-			s.readiness.Ready() // ignored once draining
-			s.log.Info("ready: catalogue loaded and first poll round finished",
-				"models", len(s.store.Load().Models()), "neurons", len(s.cfg.Neurons))
+			if s.readiness.Ready() { // ignored once draining
+				s.log.Info("ready: catalogue loaded and first poll round finished",
+					"models", len(s.store.Load().Models()), "neurons", len(s.cfg.Neurons))
+			}
 		case <-runCtx.Done():
 		}
 	}()
