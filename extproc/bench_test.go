@@ -18,6 +18,7 @@ import (
 
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/extproc/internal/wire"
+	"github.com/helexa/cortex-extproc/extproc/internal/wiretest"
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/internal/neuron"
 	"github.com/helexa/cortex-extproc/routing"
@@ -114,7 +115,7 @@ func BenchmarkBodyPath(b *testing.B) {
 			b.Run(fmt.Sprintf("%s/%dKB", c.name, size>>10), func(b *testing.B) {
 				body := c.body(c.model, size)
 				hm := headersMsg(len(body))
-				data := chunks(marshal(b, bodyRequest(body)), 16<<10)
+				data := wiretest.Chunks(wiretest.Marshal(b, wiretest.BodyRequest(body)), 16<<10)
 				b.SetBytes(int64(len(body)))
 				b.ReportAllocs()
 				var took []time.Duration
@@ -194,7 +195,7 @@ func TestBodyPathCostDoesNotGrowWithBody(t *testing.T) {
 		cost := func(size int) (allocs float64, bytes uint64) {
 			body := c.body(c.model, size)
 			hm := headersMsg(len(body))
-			data := chunks(marshal(t, bodyRequest(body)), 16<<10)
+			data := wiretest.Chunks(wiretest.Marshal(t, wiretest.BodyRequest(body)), 16<<10)
 			run := func() { bodyPath(t, s, hm, data) }
 			allocs = testing.AllocsPerRun(50, run)
 			return allocs, bytesPerRun(run)

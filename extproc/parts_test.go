@@ -1,13 +1,10 @@
 package extproc
 
 import (
-	"fmt"
-	"strings"
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
-	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/helexa/cortex-extproc/routing"
@@ -27,7 +24,7 @@ func TestCachedRepliesDecode(t *testing.T) {
 	}
 	common := routed.GetRequestBody().GetResponse()
 	if !common.GetClearRouteCache() || common.GetBodyMutation() != nil || len(common.GetHeaderMutation().GetSetHeaders()) != 4 {
-		t.Errorf("routed reply = %v; want 4 routing headers, the route cache cleared, no body", trim(&routed))
+		t.Errorf("routed reply = %v; want 4 routing headers, the route cache cleared, no body", &routed)
 	}
 	if h := common.GetHeaderMutation().GetSetHeaders()[0].GetHeader(); h.GetKey() != HeaderCluster || string(h.GetRawValue()) != "neuron-n1" {
 		t.Errorf("first header = %v; want %s: neuron-n1", h, HeaderCluster)
@@ -35,52 +32,6 @@ func TestCachedRepliesDecode(t *testing.T) {
 	if got := len(responded.GetResponseHeaders().GetResponse().GetHeaderMutation().GetSetHeaders()); got != 3 {
 		t.Errorf("response headers reply sets %d headers; want node, model and cold start", got)
 	}
-}
-
-func marshal(t testing.TB, m proto.Message) []byte {
-	t.Helper()
-	b, err := proto.Marshal(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func bodyRequest(body []byte) *extprocv3.ProcessingRequest {
-	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
-		RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: true}}}
-}
-
-// chunks splits b the way gRPC hands a large message to a codec: several
-// buffers.
-func chunks(b []byte, size int) mem.BufferSlice {
-	var s mem.BufferSlice
-	for len(b) > 0 {
-		n := min(size, len(b))
-		s = append(s, mem.SliceBuffer(b[:n]))
-		b = b[n:]
-	}
-	return s
-}
-
-// jsonBody is a chat body of exactly size bytes (size ≥ 40) for model.
-func jsonBody(model string, size int) []byte {
-	head := `{"model":"` + model + `","messages":[{"role":"user","content":"`
-	tail := `"}]}`
-	fill := size - len(head) - len(tail)
-	if fill < 0 {
-		panic("body too small")
-	}
-	return []byte(head + strings.Repeat("x", fill) + tail)
-}
-
-// trim renders a reply without its (possibly huge) body.
-func trim(r *extprocv3.ProcessingResponse) string {
-	c := proto.Clone(r).(*extprocv3.ProcessingResponse)
-	if bm := c.GetRequestBody().GetResponse().GetBodyMutation(); bm != nil {
-		bm.Mutation = &extprocv3.BodyMutation_Body{Body: []byte(fmt.Sprintf("<%d bytes>", len(bm.GetBody())))}
-	}
-	return c.String()
 }
 
 // TestIsImmediateResponse: a stream interceptor (the service's drain) can

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/helexa/cortex-extproc/extproc/internal/wiretest"
+
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -16,37 +18,11 @@ import (
 	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
 )
 
-func marshal(t testing.TB, m proto.Message) []byte {
-	t.Helper()
-	b, err := proto.Marshal(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func bodyRequest(body []byte) *extprocv3.ProcessingRequest {
-	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
-		RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: true}}}
-}
-
-// chunks splits b the way gRPC hands a large message to a codec: several
-// buffers.
-func chunks(b []byte, size int) mem.BufferSlice {
-	var s mem.BufferSlice
-	for len(b) > 0 {
-		n := min(size, len(b))
-		s = append(s, mem.SliceBuffer(b[:n]))
-		b = b[n:]
-	}
-	return s
-}
-
 // TestReceivedDecodesLikeProtobuf: whatever Envoy sends decodes to exactly
 // what protobuf decodes, whether or not the body is aliased.
 func TestReceivedDecodesLikeProtobuf(t *testing.T) {
 	big := []byte(`{"model":"m","messages":"` + strings.Repeat("x", 40<<10) + `"}`)
-	full := bodyRequest(big)
+	full := wiretest.BodyRequest(big)
 	full.GetRequestBody().EndOfStream = false
 	full.MetadataContext = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{"a": {Fields: map[string]*structpb.Value{"k": structpb.NewStringValue("v")}}}}
 	full.Attributes = map[string]*structpb.Struct{"envoy.filters.http.ext_proc": {Fields: map[string]*structpb.Value{"request.path": structpb.NewStringValue("/v1/chat/completions")}}}
@@ -61,14 +37,14 @@ func TestReceivedDecodesLikeProtobuf(t *testing.T) {
 		wire    []byte
 		aliased bool
 	}{
-		{"large body", marshal(t, bodyRequest(big)), true},
-		{"large body with every other field", marshal(t, full), true},
-		{"small body", marshal(t, bodyRequest([]byte(`{"model":"m"}`))), false},
-		{"large headers", marshal(t, headers), false},
-		{"large response body", marshal(t, respBody), false},
+		{"large body", wiretest.Marshal(t, wiretest.BodyRequest(big)), true},
+		{"large body with every other field", wiretest.Marshal(t, full), true},
+		{"small body", wiretest.Marshal(t, wiretest.BodyRequest([]byte(`{"model":"m"}`))), false},
+		{"large headers", wiretest.Marshal(t, headers), false},
+		{"large response body", wiretest.Marshal(t, respBody), false},
 		// Repeated message fields merge in protobuf; left to it.
-		{"request_body twice", append(marshal(t, bodyRequest(big)), marshal(t, bodyRequest([]byte("{}")))...), false},
-		{"body then headers (last oneof wins)", append(marshal(t, bodyRequest(big)), marshal(t, headers)...), false},
+		{"request_body twice", append(wiretest.Marshal(t, wiretest.BodyRequest(big)), wiretest.Marshal(t, wiretest.BodyRequest([]byte("{}")))...), false},
+		{"body then headers (last oneof wins)", append(wiretest.Marshal(t, wiretest.BodyRequest(big)), wiretest.Marshal(t, headers)...), false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -77,7 +53,7 @@ func TestReceivedDecodesLikeProtobuf(t *testing.T) {
 				t.Fatal(err)
 			}
 			r := new(Received)
-			if err := NewCodec().Unmarshal(chunks(c.wire, 16<<10), r); err != nil {
+			if err := NewCodec().Unmarshal(wiretest.Chunks(c.wire, 16<<10), r); err != nil {
 				t.Fatal(err)
 			}
 			defer r.Release()
@@ -100,9 +76,9 @@ func TestReceivedDecodesLikeProtobuf(t *testing.T) {
 // FuzzReceivedDecode pins the aliasing decoder to protobuf on any input:
 // same error-ness, same message.
 func FuzzReceivedDecode(f *testing.F) {
-	f.Add(marshal(f, bodyRequest([]byte(`{"model":"m"}`))))
-	f.Add(append(marshal(f, bodyRequest([]byte("a"))), marshal(f, bodyRequest([]byte("b")))...))
-	f.Add(marshal(f, &extprocv3.ProcessingRequest{ObservabilityMode: true, Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{EndOfStream: true}}}))
+	f.Add(wiretest.Marshal(f, wiretest.BodyRequest([]byte(`{"model":"m"}`))))
+	f.Add(append(wiretest.Marshal(f, wiretest.BodyRequest([]byte("a"))), wiretest.Marshal(f, wiretest.BodyRequest([]byte("b")))...))
+	f.Add(wiretest.Marshal(f, &extprocv3.ProcessingRequest{ObservabilityMode: true, Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{EndOfStream: true}}}))
 	f.Add([]byte{0x22, 0x03, 0x0a, 0x05, 0x61})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var want extprocv3.ProcessingRequest
@@ -143,7 +119,7 @@ func (p *poisonPool) Put(b *[]byte) {
 // only when the reply is done with it too.
 func TestRewriteReplyHoldsTheReceiveBuffer(t *testing.T) {
 	body := []byte(`{"model":"fleet/s","messages":[{"role":"user","content":"` + strings.Repeat("y", 64<<10) + `"}]}`)
-	wire := marshal(t, bodyRequest(body))
+	wire := wiretest.Marshal(t, wiretest.BodyRequest(body))
 	pool := &poisonPool{}
 	data := mem.BufferSlice{mem.NewBuffer(&wire, pool)}
 

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/helexa/cortex-extproc/extproc/internal/wiretest"
+
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/mem"
@@ -108,7 +110,7 @@ func checkRewriteReply(t *testing.T, up upstream, tg target, body []byte, aliase
 	// receive buffer (large ones).
 	msg := new(Received)
 	if aliased {
-		if err := msg.decode(mem.SliceBuffer(marshal(t, bodyRequest(body)))); err != nil || msg.buf == nil {
+		if err := msg.decode(mem.SliceBuffer(wiretest.Marshal(t, wiretest.BodyRequest(body)))); err != nil || msg.buf == nil {
 			t.Fatalf("decode: %v, aliased %v", err, msg.buf != nil)
 		}
 		body = msg.Msg.GetRequestBody().GetBody()
