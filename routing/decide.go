@@ -80,7 +80,7 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, r
 				residentNoEndpoint = n.Name
 				continue
 			}
-			if bestModel == nil || m.Busyness() < bestModel.Busyness() {
+			if bestModel == nil || preferred(n, m, best, bestModel) {
 				best, bestModel = n, m
 			}
 		case m.Status == neuron.StatusRecovering:
@@ -88,7 +88,7 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, r
 				recovering = n.Name
 			}
 		case m.Status == neuron.StatusUnloaded:
-			if m.Endpoint != "" && (unloadedModel == nil || m.Busyness() < unloadedModel.Busyness()) {
+			if m.Endpoint != "" && (unloadedModel == nil || preferred(n, m, unloadedOn, unloadedModel)) {
 				unloadedOn, unloadedModel = n, m
 			} else if m.Endpoint == "" && residentNoEndpoint == "" {
 				residentNoEndpoint = n.Name
@@ -136,6 +136,18 @@ func Decide(cat *catalogue.Catalogue, snap *fleet.Snapshot, view *Commitments, r
 		return d, apierr.ModelNotFound("model %q (alias %q) not found on any node and not in the catalogue", d.Model, requested)
 	}
 	return d, apierr.ModelNotFound("model %q not found on any node and not in the catalogue; GET /v1/models lists the models available", d.Model)
+}
+
+// preferred reports whether replica m on n is a better target than cur on
+// curNode: a node no request has just failed on (not Suspect) first, then
+// the least busy. A suspect node is still used when it holds the only
+// replica: its re-poll, already running, decides within seconds whether it
+// is gone.
+func preferred(n *fleet.Node, m *fleet.Model, curNode *fleet.Node, cur *fleet.Model) bool {
+	if n.Suspect != curNode.Suspect {
+		return !n.Suspect
+	}
+	return m.Busyness() < cur.Busyness()
 }
 
 // prewarming is the healthy node whose /health activation lists model as

@@ -22,6 +22,13 @@ func dnode(name string, healthy bool, models ...*fleet.Model) *fleet.Node {
 	return &fleet.Node{Name: name, Cluster: "neuron-" + name, Healthy: healthy, Models: models}
 }
 
+// suspect marks n as Poller.Suspect does after a request Envoy could not
+// deliver there.
+func suspect(n *fleet.Node) *fleet.Node {
+	n.Suspect = true
+	return n
+}
+
 func TestDecideOrder(t *testing.T) {
 	cat := catalogue.New([]*catalogue.Profile{
 		{ID: "Cat/Only", Harness: "candle"},
@@ -50,6 +57,21 @@ func TestDecideOrder(t *testing.T) {
 				dnode("alpha", true, m("X", neuron.StatusLoaded, 1, 1, true)),
 				dnode("beta", true, m("X", neuron.StatusLoaded, 0, 2, true)),
 			}, model: "X", wantNode: "alpha", wantStep: StepLoaded},
+		{name: "2 a replica on a suspect node (a request just failed there) only when no other is loaded",
+			nodes: []*fleet.Node{
+				suspect(dnode("a", true, m("X", neuron.StatusLoaded, 0, 0, true))),
+				dnode("b", true, m("X", neuron.StatusLoaded, 7, 3, true)),
+			}, model: "X", wantNode: "b", wantStep: StepLoaded},
+		{name: "2 the only loaded replica is used while its node is suspect",
+			nodes: []*fleet.Node{
+				suspect(dnode("a", true, m("X", neuron.StatusLoaded, 0, 0, true))),
+				dnode("b", true, m("X", neuron.StatusUnloaded, 0, 0, true)),
+			}, model: "X", wantNode: "a", wantStep: StepLoaded},
+		{name: "4 a lazy reload avoids a suspect node too",
+			nodes: []*fleet.Node{
+				suspect(dnode("a", true, m("X", neuron.StatusUnloaded, 0, 0, true))),
+				dnode("b", true, m("X", neuron.StatusUnloaded, 4, 0, true)),
+			}, model: "X", wantNode: "b", wantStep: StepUnloaded, wantCold: true},
 		{name: "2 reloading counts as loaded",
 			nodes: []*fleet.Node{dnode("a", true, m("X", neuron.StatusReloading, 0, 0, true))},
 			model: "X", wantNode: "a", wantStep: StepLoaded},

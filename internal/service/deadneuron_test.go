@@ -8,6 +8,7 @@ package service_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -69,6 +70,13 @@ func dnFromHTTP(resp *http.Response) *extprocv3.ProcessingRequest {
 // server has ended the stream (so whatever it reported is done).
 func dnRoute(t *testing.T, h *fxService, model string, then *extprocv3.ProcessingRequest) fxReply {
 	t.Helper()
+	return dnRouteThen(t, h, model, func(fxReply) *extprocv3.ProcessingRequest { return then })
+}
+
+// dnRouteThen is dnRoute with the response headers chosen once the request
+// is routed: what Envoy saw at the neuron it was sent to.
+func dnRouteThen(t *testing.T, h *fxService, model string, then func(routed fxReply) *extprocv3.ProcessingRequest) fxReply {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	r, err := dnExchange(ctx, h.ep, model, then)
@@ -78,7 +86,7 @@ func dnRoute(t *testing.T, h *fxService, model string, then *extprocv3.Processin
 	return r
 }
 
-func dnExchange(ctx context.Context, ep extprocv3.ExternalProcessorClient, model string, then *extprocv3.ProcessingRequest) (fxReply, error) {
+func dnExchange(ctx context.Context, ep extprocv3.ExternalProcessorClient, model string, thenFor func(fxReply) *extprocv3.ProcessingRequest) (fxReply, error) {
 	st, err := ep.Process(ctx)
 	if err != nil {
 		return fxReply{}, err
@@ -118,7 +126,7 @@ func dnExchange(ctx context.Context, ep extprocv3.ExternalProcessorClient, model
 			out.ColdStart = v == "true"
 		}
 	}
-	if then != nil {
+	if then := thenFor(out); then != nil {
 		if err := st.Send(then); err != nil {
 			return fxReply{}, err
 		}
@@ -333,7 +341,7 @@ func TestDeadNeuronStormCausesOneRepoll(t *testing.T) {
 			defer wg.Done()
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			r, err := dnExchange(ctx, h.ep, "fx/warm", nil)
+			r, err := dnExchange(ctx, h.ep, "fx/warm", func(fxReply) *extprocv3.ProcessingRequest { return nil })
 			if err == nil && r.Node != "a" {
 				err = errors.New("routed to " + r.Node + " while a was still healthy")
 			}
@@ -362,5 +370,80 @@ func TestDeadNeuronStormCausesOneRepoll(t *testing.T) {
 	r := h.route(t, "fx/warm")
 	if r.Status != 200 || r.Node != "b" {
 		t.Fatalf("after the storm: %s, want routed to b", r)
+	}
+}
+
+// A neuron whose host stopped answering (Envoy's connect or request timed
+// out) is re-polled at once, and the re-poll itself can take up to
+// poll.timeout. Meanwhile requests for a model another neuron also holds go
+// there, not to the suspect one; once it answers its re-poll it is used
+// again. Repeated: the sequence an operator's fleet produces when a node
+// flaps.
+func TestSuspectNeuronIsAvoidedWhileItsRepollRuns(t *testing.T) {
+	fxLeakCheck(t)
+	a := fxStartNeuron(t, "a", "Org/Warm")
+	b := fxStartNeuron(t, "b", "Org/Warm")
+	cfg := dnConfig(t, a, b)
+	cfg.Poll.Timeout = time.Hour // the re-poll ends when the test lets a answer
+	h := fxStart(t, cfg)
+	suspectIs := func(node string, want bool) func() bool {
+		return func() bool {
+			_, text := h.get(t, "/debug/fleet")
+			var f struct {
+				Nodes []struct {
+					Name    string `json:"name"`
+					Suspect bool   `json:"suspect"`
+				} `json:"nodes"`
+			}
+			if err := json.Unmarshal([]byte(text), &f); err != nil {
+				t.Fatalf("/debug/fleet: %v", err)
+			}
+			for _, n := range f.Nodes {
+				if n.Name == node {
+					return n.Suspect == want
+				}
+			}
+			return false
+		}
+	}
+	for round := range 5 {
+		// Both idle: ties go to the first name.
+		fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+
+		gate := make(chan struct{})
+		a.setHook(func(_ http.ResponseWriter, r *http.Request) bool {
+			select {
+			case <-gate:
+				return false // answers again
+			case <-r.Context().Done():
+				return true
+			}
+		})
+		// Every request Envoy cannot deliver to a says so; a is re-polled
+		// at most once per second (fleet.DefaultSuspectGap), so right after
+		// the previous round it may take a few failed requests.
+		fxEventually(t, "a suspect", func() bool {
+			dnRouteThen(t, h, "fx/warm", func(r fxReply) *extprocv3.ProcessingRequest {
+				if r.Node == "a" {
+					return dnEnvoyUF()
+				}
+				return dnHeaders(":status", "200", "date", "Fri, 04 Dec 2026 09:00:00 GMT")
+			})
+			return suspectIs("a", true)()
+		})
+		for i := range 20 {
+			if r := h.route(t, "fx/warm"); r.Node != "b" || r.Status != 200 {
+				t.Fatalf("round %d, request %d while a's re-poll hangs: %s; want routed to b, which holds the model too", round, i, r)
+			}
+		}
+		close(gate)
+		a.setHook(nil)
+		fxEventually(t, "a's suspicion cleared", suspectIs("a", false))
+		if !h.nodeHealthy(t, "a") {
+			t.Fatalf("round %d: a answered its re-poll but was taken out", round)
+		}
+	}
+	if got := b.sim.LoadCalls(); got != 0 {
+		t.Errorf("b got %d loads; it held the model all along", got)
 	}
 }
