@@ -90,6 +90,11 @@ type Observer interface {
 	Decided(requestID string, t *routing.Target, err *apierr.Error, decision time.Duration)
 	// Waited is called after a request was held for a cold load.
 	Waited(model string, d time.Duration, err *apierr.Error)
+	// Refused is called for a request answered with an error before any
+	// decision: at the request headers (a path that is not routed, Envoy's
+	// processing mode, an empty body, an unknown id in GET
+	// /v1/models/{id}), or a body that came without its headers.
+	Refused(requestID string, err *apierr.Error)
 }
 
 // Options configure a Server.
@@ -334,10 +339,10 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) *wire.Reply {
 		// Never forward: the neuron serves its management API (/models/load,
 		// /models/unload) on the inference port, and a body naming a cold
 		// model would otherwise cold-load it first.
-		return st.immediate(notRouted(st.method, st.path))
+		return st.refused(notRouted(st.method, st.path))
 	}
 	if st.badMode != "" {
-		return st.immediate(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
+		return st.refused(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
 			Message: "Envoy's ext_proc filter sends the request body in mode " + st.badMode +
 				"; cortex-extproc routes on the body and needs processing_mode.request_body_mode: BUFFERED (see envoy/envoy.yaml)",
 			Reason: apierr.ReasonMisconfigured})
@@ -362,13 +367,13 @@ func (st *stream) bodiless() *wire.Reply {
 			if body, ok := get(unescapePath(id)); ok {
 				return st.reply(jsonReply(200, body, "cortex_model"))
 			}
-			return st.immediate(apierr.ModelNotFound("model %q not found on any node, in the catalogue or among the aliases", unescapePath(id)))
+			return st.refused(apierr.ModelNotFound("model %q not found on any node, in the catalogue or among the aliases", unescapePath(id)))
 		}
 	}
 	if st.method == "POST" {
-		return st.immediate(apierr.InvalidRequest("request body is empty: send a JSON object with a \"model\" field"))
+		return st.refused(apierr.InvalidRequest("request body is empty: send a JSON object with a \"model\" field"))
 	}
-	return st.immediate(notRouted(st.method, st.path))
+	return st.refused(notRouted(st.method, st.path))
 }
 
 // inferencePaths are the only paths routed to a neuron (routing.md, "Only
@@ -400,7 +405,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody, msg *w
 	}
 	st.bodyDone = true
 	if !st.sawHeader {
-		return st.immediate(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
+		return st.refused(&apierr.Error{Status: 500, Type: apierr.TypeAPI, Code: "extproc_misconfigured",
 			Message: "Envoy sent the request body without the request headers; cortex-extproc needs processing_mode.request_header_mode: SEND (see envoy/envoy.yaml)",
 			Reason:  apierr.ReasonMisconfigured}), nil
 	}
@@ -528,6 +533,15 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *wire.Reply {
 		return plainResponseHeaders
 	}
 	return st.parts.responded
+}
+
+// refused reports a request answered before any decision, and renders its
+// error.
+func (st *stream) refused(e *apierr.Error) *wire.Reply {
+	if o := st.srv.opt.Observer; o != nil {
+		o.Refused(st.requestID, e)
+	}
+	return st.immediate(e)
 }
 
 // immediate renders a client-visible error as Envoy's local reply, in

@@ -81,10 +81,10 @@ func New() *Metrics {
 	m := &Metrics{
 		Registry: r,
 		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "requests_total",
-			Help: "Requests decided, by concrete model, requested name (alias or id), node and outcome (routed, cold_start, or the error code)."},
+			Help: "Requests answered (decided, or refused at their headers), by concrete model, requested name (alias or id), node and outcome (routed, cold_start, or the error code)."},
 			[]string{"model", "requested", "node", "outcome"}),
 		Errors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "request_errors_total",
-			Help: "Requests answered with an error, by concrete model, requested name, node, HTTP status, error code and reason (why; \"unclassified\" is a bug)."},
+			Help: "Requests answered with an error, by concrete model, requested name, node, HTTP status, error code and reason (why; \"unclassified\" is a bug). Requests refused before any decision (path_not_routed, extproc_misconfigured, an empty body) have no model or node."},
 			[]string{"model", "requested", "node", "status", "code", "reason"}),
 		LogLinesDropped: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "log_lines_dropped_total",
 			Help: "Per-request log lines not written because their reason exceeded its rate (an error reason, or cold_start)."},
@@ -194,6 +194,16 @@ func (m *Metrics) Decided(requestID string, t *routing.Target, err *apierr.Error
 	m.logDecision(requestID, t, err, d)
 }
 
+// Refused implements extproc.Observer: a request answered before any
+// decision is counted in requests_total and request_errors_total without
+// model or node, and logged like a rejected decision (rate-limited by
+// reason). It is not a decision: request_decision_seconds leaves it out.
+func (m *Metrics) Refused(requestID string, err *apierr.Error) {
+	m.Errors.WithLabelValues("", "", "", statusLabel(err.Status), err.Code, string(err.Classified())).Inc()
+	m.requestCounter(requestLabels{outcome: err.Code}).Inc()
+	m.logDecision(requestID, nil, err, -1)
+}
+
 // requestCounter is Requests.WithLabelValues(k…), cached. Label values are
 // bounded, so the cache is too; children are never deleted from Requests,
 // so a cached one stays the one /metrics shows.
@@ -228,6 +238,8 @@ func statusLabel(status int) string {
 	return strconv.Itoa(status)
 }
 
+// logDecision writes the per-request line; d < 0: no decision was made
+// (Refused), so no decision_ms.
 func (m *Metrics) logDecision(requestID string, t *routing.Target, err *apierr.Error, d time.Duration) {
 	log := m.log.Load()
 	if log == nil {
@@ -266,8 +278,10 @@ func (m *Metrics) logDecision(requestID string, t *routing.Target, err *apierr.E
 		slog.String("resolved", resolved),
 		slog.String("node", node),
 		slog.Bool("cold_start", coldStart),
-		slog.Float64("decision_ms", float64(d.Microseconds())/1000),
 	)
+	if d >= 0 {
+		attrs = append(attrs, slog.Float64("decision_ms", float64(d.Microseconds())/1000))
+	}
 	if err != nil {
 		attrs = append(attrs, slog.Int("status", err.Status), slog.String("code", err.Code),
 			slog.String("reason", string(err.Classified())), slog.String("error", err.Message))

@@ -249,6 +249,56 @@ func (s *reasonServer) post(t *testing.T, body string) (int, string) {
 	}
 }
 
+// refusedAtHeaders plays Envoy for a request cortex-extproc answers at its
+// request headers, and returns the status the client gets.
+func (s *reasonServer) refusedAtHeaders(t *testing.T, method, path string, mode filterv3.ProcessingMode_BodySendMode, bodiless bool) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := s.client.Process(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.CloseSend()
+	hs := &corev3.HeaderMap{}
+	for _, kv := range [][2]string{{":method", method}, {":path", path}, {"x-request-id", "refused-test"}} {
+		hs.Headers = append(hs.Headers, &corev3.HeaderValue{Key: kv[0], RawValue: []byte(kv[1])})
+	}
+	if err := st.Send(&extprocv3.ProcessingRequest{
+		Request:        &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: hs, EndOfStream: bodiless}},
+		ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: mode},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ir := r.GetImmediateResponse()
+	if ir == nil {
+		t.Fatalf("%s %s was not answered at its headers: %v", method, path, r)
+	}
+	return int(ir.GetStatus().GetCode())
+}
+
+// requests is requests_total summed over its labels.
+func (s *reasonServer) requests(t *testing.T) float64 {
+	t.Helper()
+	fams, err := s.m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0.0
+	for _, f := range fams {
+		if f.GetName() == "cortex_extproc_requests_total" {
+			for _, mt := range f.GetMetric() {
+				n += mt.GetCounter().GetValue()
+			}
+		}
+	}
+	return n
+}
+
 // reasons is request_errors_total by reason.
 func (s *reasonServer) reasons(t *testing.T) map[string]float64 {
 	t.Helper()
@@ -418,11 +468,44 @@ func TestEveryErrorCaseHasAReason(t *testing.T) {
 		seen[apierr.ReasonShuttingDown] = true
 	})
 
+	// Refused at the request headers, before any decision: counted as
+	// requests and errors (without model or node), so that the error
+	// ratio stays a ratio.
+	t.Run("refused before a decision", func(t *testing.T) {
+		f := &reasonFleet{}
+		f.snap.Store(reasonSnapshot(warm))
+		s := startReasonServer(t, f, serverOpts{})
+		buffered := filterv3.ProcessingMode_BUFFERED
+		for _, c := range []struct {
+			method, path string
+			mode         filterv3.ProcessingMode_BodySendMode
+			bodiless     bool
+			status       int
+		}{
+			{"POST", "/models/load", buffered, false, 404},
+			{"GET", "/admin", buffered, true, 404},
+			{"POST", "/v1/chat/completions", buffered, true, 400},
+			{"POST", "/v1/chat/completions", filterv3.ProcessingMode_STREAMED, false, 500},
+		} {
+			if got := s.refusedAtHeaders(t, c.method, c.path, c.mode, c.bodiless); got != c.status {
+				t.Errorf("%s %s (%s): %d, want %d", c.method, c.path, c.mode, got, c.status)
+			}
+		}
+		got := s.reasons(t)
+		if got["path_not_routed"] != 2 || got["invalid_body"] != 1 || got["extproc_misconfigured"] != 1 || len(got) != 3 {
+			t.Errorf("reasons %v, want path_not_routed 2, invalid_body 1, extproc_misconfigured 1", got)
+		}
+		if n := s.requests(t); n != 4 {
+			t.Errorf("requests_total %v, want 4 (each refused request once)", n)
+		}
+		seen[apierr.ReasonPathNotRouted], seen[apierr.ReasonMisconfigured] = true, true
+	})
+
 	// What this test cannot drive deterministically (races between a
-	// decision and the ledger, xDS acknowledgements, Envoy misconfiguration
-	// answered before any decision) is covered by apierr's source check.
-	notDriven := map[apierr.Reason]bool{apierr.ReasonPathNotRouted: true, apierr.ReasonNotPolled: true, apierr.ReasonClusterNotAcked: true,
-		apierr.ReasonEvictedAfterLoad: true, apierr.ReasonMisconfigured: true}
+	// decision and the ledger, xDS acknowledgements) is covered by apierr's
+	// source check.
+	notDriven := map[apierr.Reason]bool{apierr.ReasonNotPolled: true, apierr.ReasonClusterNotAcked: true,
+		apierr.ReasonEvictedAfterLoad: true}
 	for _, r := range apierr.Reasons {
 		if !seen[r] && !notDriven[r] {
 			t.Errorf("reason %s is not driven by any case", r)
