@@ -7,11 +7,10 @@ import (
 	"testing"
 	"time"
 
-	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
-
 	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/internal/neuron"
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 )
 
 func TestPlace(t *testing.T) {

@@ -13,16 +13,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/helexa/cortex-extproc/routing"
-
-	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
-
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/catalogue"
 	"github.com/helexa/cortex-extproc/internal/apierr"
 	"github.com/helexa/cortex-extproc/internal/fleet"
 	"github.com/helexa/cortex-extproc/internal/neuron"
+	"github.com/helexa/cortex-extproc/routing"
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 )
 
 // eventLog records neuron calls across all fake neurons, in order.

@@ -3,13 +3,11 @@ package coldload
 import (
 	"testing"
 
-	"github.com/helexa/cortex-extproc/routing"
-
-	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
-
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/catalogue"
+	"github.com/helexa/cortex-extproc/routing"
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 )
 
 // Explain answers what Route would, from the same code, and leaves no
@@ -34,7 +32,11 @@ func TestExplainIsRouteWithoutEffects(t *testing.T) {
 		t.Fatalf("explain of a loaded model: %+v, in flight %d", x, r.usage.InFlight("beast", "r/old"))
 	}
 
-	// The real thing goes where Explain said.
+	// The real thing goes where Explain said. The load is held until the
+	// end, so that it is still in progress when it is looked at.
+	gate := make(chan struct{})
+	r.neurons["beast"].gate = gate
+	defer close(gate)
 	var lease routing.Lease
 	_, w, err := router.Route("org/big", &lease)
 	if err != nil || w == nil {

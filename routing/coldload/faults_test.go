@@ -5,11 +5,10 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/helexa/cortex-extproc/routing"
-
-	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
-
 	"go.uber.org/goleak"
+
+	"github.com/helexa/cortex-extproc/routing"
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 )
 
 // An eviction claims its victim when the load is planned: from then on no

@@ -8,13 +8,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/helexa/cortex-extproc/routing"
-
-	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
-
 	"go.uber.org/goleak"
 
 	"github.com/helexa/cortex-extproc/internal/neuron"
+	"github.com/helexa/cortex-extproc/routing"
+	ft "github.com/helexa/cortex-extproc/routing/internal/fleettest"
 )
 
 // The ledger's figure is the last reading less loads in progress and loads

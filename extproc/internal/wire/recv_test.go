@@ -6,8 +6,6 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/helexa/cortex-extproc/extproc/internal/wiretest"
-
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -16,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/wiretest"
 )
 
 // TestReceivedDecodesLikeProtobuf: whatever Envoy sends decodes to exactly

@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/helexa/cortex-extproc/extproc/internal/wiretest"
-
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/mem"
@@ -16,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/helexa/cortex-extproc/extproc/internal/reqbody"
+	"github.com/helexa/cortex-extproc/extproc/internal/wiretest"
 )
 
 // TestRewriteReplyEncoding pins the hand-encoded rewrite reply to what
