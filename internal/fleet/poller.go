@@ -170,8 +170,10 @@ type nodeState struct {
 }
 
 // mark is a MarkLoaded call: what the load put where.
+// mark is a model MarkLoaded listed as resident on a node until a /models
+// listing requested after the load finished takes over.
 type mark struct {
-	seq     uint64
+	at      time.Time // when the load was reported finished
 	devices []int
 	vramMB  int64
 }
@@ -705,16 +707,27 @@ func (p *Poller) apply(ns *nodeState, r pollResult) {
 		p.cfg.OnPoll(name, true)
 	}
 
+	if !r.modelsAt.After(ns.modelsAt) {
+		// A listing requested before the one the node shows (a re-poll
+		// and a round poll overlapped, and the older request answered
+		// last) never replaces it: a model unloaded in between would
+		// come back, after the ledger had stopped blocking it.
+		return
+	}
 	ns.modelsAt = r.modelsAt
 	models := r.models
 	for id, mk := range ns.marks {
-		if mk.seq < r.seq {
-			// This poll started after the mark: it is the truth now.
+		if r.modelsAt.After(mk.at) {
+			// Listed after the load finished: the listing is the truth now
+			// (a model the neuron no longer lists was unloaded since; it
+			// must not come back from the mark). What counts is when
+			// /models was requested, not when the poll started: a poll
+			// whose /health hung for seconds asks for /models long after.
 			delete(ns.marks, id)
 			continue
 		}
-		// The poll started before the load finished; keep the mark unless
-		// the neuron already shows the model resident.
+		// Listed before the load finished; keep the mark unless the
+		// neuron already shows the model resident.
 		i, found := slices.BinarySearchFunc(models, id, func(m neuron.Model, id string) int { return cmp.Compare(m.ID, id) })
 		if found && models[i].Status.Resident() {
 			delete(ns.marks, id)
@@ -821,8 +834,7 @@ func (p *Poller) mark(r request) {
 		r.reply <- fmt.Errorf("mark %q loaded: no neuron named %q is configured", r.model, r.node)
 		return
 	}
-	p.seq++
-	mk := mark{seq: p.seq, devices: r.devices, vramMB: r.vramMB}
+	mk := mark{at: time.Now(), devices: r.devices, vramMB: r.vramMB}
 	if _, ok := ns.endpoints[r.model]; ok {
 		p.applyMark(ns, r.model, mk)
 		p.publish()

@@ -40,6 +40,10 @@ type fakeAPI struct {
 	// wait for a value (or ctx) before answering.
 	endpointGate    chan struct{}
 	endpointEntered chan struct{}
+	// healthGate, when set, makes Health signal healthEntered and wait
+	// for a value (or ctx) before answering.
+	healthGate    chan struct{}
+	healthEntered chan struct{}
 }
 
 func newFakeAPI(models ...neuron.Model) *fakeAPI {
@@ -104,6 +108,17 @@ func (f *fakeAPI) Models(ctx context.Context) ([]neuron.Model, error) {
 }
 
 func (f *fakeAPI) Health(ctx context.Context) (*neuron.Health, error) {
+	f.mu.Lock()
+	gate, entered := f.healthGate, f.healthEntered
+	f.mu.Unlock()
+	if gate != nil {
+		entered <- struct{}{}
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls["health"]++
@@ -678,6 +693,43 @@ func TestMarkLoadedSurvivesPollStartedBefore(t *testing.T) {
 	}
 }
 
+// A poll whose /health is slow asks for /models long after it started. A
+// load that finished and was unloaded again in between (cortex-extproc
+// evicted it) must not come back from MarkLoaded's mark: the listing was
+// requested after the load, so it is the truth. (Deciding by when the poll
+// started kept the mark, and the soak test routed requests to models
+// evicted seconds before.) Repeated, as a fleet under cold-load churn does.
+func TestMarkGivesWayToAListingRequestedAfterIt(t *testing.T) {
+	api := newFakeAPI(loaded("warm"))
+	api.endpoints["fresh"] = "http://10.0.0.1:8002"
+	h := start(t, PollerConfig{}, Neuron{Name: "a", Endpoint: "http://a:1", API: api})
+	for range 50 {
+		gate, entered := make(chan struct{}), make(chan struct{}, 1)
+		api.set(func(f *fakeAPI) { f.healthGate, f.healthEntered = gate, entered })
+		pollDone := make(chan error, 1)
+		go func() { pollDone <- h.p.PollNow(h.ctx) }()
+		<-entered // the poll has started; /models is not asked yet
+
+		// Loaded, and reported (the neuron lists it from now on) ...
+		api.set(func(f *fakeAPI) { f.models = []neuron.Model{loaded("warm"), loaded("fresh")} })
+		if err := h.p.MarkLoaded(h.ctx, "a", "fresh", []int{0}, 4000); err != nil {
+			t.Fatal(err)
+		}
+		if h.node("a").Model("fresh") == nil {
+			t.Fatal("MarkLoaded not visible while a poll is in flight")
+		}
+		// ... then unloaded again before the poll asks for /models.
+		api.set(func(f *fakeAPI) { f.models = []neuron.Model{loaded("warm")}; f.healthGate = nil })
+		gate <- struct{}{}
+		if err := <-pollDone; err != nil {
+			t.Fatal(err)
+		}
+		if m := h.node("a").Model("fresh"); m != nil {
+			t.Fatalf("a model unloaded before the listing was requested is still listed: %+v", m)
+		}
+	}
+}
+
 func TestSetNeurons(t *testing.T) {
 	apiA, apiB, apiC := newFakeAPI(loaded("m")), newFakeAPI(loaded("m")), newFakeAPI(loaded("k"))
 	hooks := &hookLog{}
@@ -810,5 +862,28 @@ func TestSlowNeuronDoesNotHoldBackOthers(t *testing.T) {
 	}
 	if h.p.Snapshot().Round != 2 {
 		t.Errorf("round %d after the second round completed", h.p.Snapshot().Round)
+	}
+}
+
+// Two polls of one node can overlap (a suspect re-poll beside a round), and
+// the one that asked for /models first can answer last. Its listing is
+// older than the one the node shows and must not replace it.
+func TestOlderListingNeverReplacesANewerOne(t *testing.T) {
+	p := NewPoller(PollerConfig{}, []Neuron{{Name: "a", Endpoint: "http://a:1", API: newFakeAPI()}}, nil)
+	ns := p.nodes["a"]
+	t0 := time.Now()
+	newer := pollResult{key: ns, seq: 1, healthAt: t0.Add(time.Second), health: &neuron.Health{UptimeSecs: 100},
+		modelsAt: t0.Add(2 * time.Second), models: []neuron.Model{loaded("kept")}}
+	older := pollResult{key: ns, seq: 2, healthAt: t0, health: &neuron.Health{UptimeSecs: 100},
+		modelsAt: t0.Add(time.Second), models: []neuron.Model{loaded("kept"), loaded("evicted")}}
+	p.apply(ns, newer)
+	p.apply(ns, older)
+	p.publish()
+	n := p.Snapshot().Node("a")
+	if n.Model("evicted") != nil || n.Model("kept") == nil || !n.ModelsAt.Equal(newer.modelsAt) {
+		t.Fatalf("after an older listing: models %v at %v; want only kept, listed at %v", n.Models, n.ModelsAt, newer.modelsAt)
+	}
+	if !n.Healthy {
+		t.Error("the older poll still succeeded: the node stays healthy")
 	}
 }
