@@ -25,6 +25,11 @@ const (
 	// reading; its VRAM is free, and it is not routable until a /models
 	// listing requested after the unload no longer shows it.
 	CommitEvicted
+	// CommitUnconfirmed: an unload whose outcome is unknown (the neuron
+	// timed out, answered garbage or a 5xx): the model may be gone, so it
+	// is not routable until a /models listing requested after At shows
+	// it; its VRAM is counted as still taken.
+	CommitUnconfirmed
 )
 
 // Commitment is one entry of the cold-load ledger (routing/coldload): what
@@ -36,7 +41,7 @@ type Commitment struct {
 	Model       string
 	Devices     []int
 	PerDeviceMB int64     // MB on each of Devices
-	At          time.Time // when the neuron confirmed (loaded, evicted)
+	At          time.Time // when the neuron confirmed (loaded, evicted) or the unload failed (unconfirmed)
 }
 
 // Commitments is an immutable view of the cold-load ledger: what placement,
@@ -52,7 +57,7 @@ type Commitment struct {
 // request is routed to it.
 type Commitments struct {
 	byNode  map[string][]Commitment
-	blocked map[usageKey]time.Time // claimed: zero time; evicted: when
+	blocked map[usageKey]time.Time // claimed: zero time; evicted, unconfirmed: when
 }
 
 // NewCommitments builds the view of cs, given in the order they were made.
@@ -65,7 +70,7 @@ func NewCommitments(cs []Commitment) *Commitments {
 		switch c.Kind {
 		case CommitClaimed:
 			v.blocked[usageKey{c.Node, c.Model}] = time.Time{}
-		case CommitEvicted:
+		case CommitEvicted, CommitUnconfirmed:
 			v.blocked[usageKey{c.Node, c.Model}] = c.At
 		case CommitLoaded:
 			delete(v.blocked, usageKey{c.Node, c.Model})
@@ -137,7 +142,7 @@ func (c *Commitments) On(node string) []Commitment {
 type LedgerEntry struct {
 	Node        string    `json:"node"`
 	Model       string    `json:"model"`
-	State       string    `json:"state"` // loading | loaded | evicting | evicted
+	State       string    `json:"state"` // loading | loaded | evicting | evicted | unload_unconfirmed
 	Devices     []int     `json:"devices"`
 	PerDeviceMB int64     `json:"per_device_mb"`
 	At          time.Time `json:"at,omitzero"`
@@ -149,7 +154,7 @@ func (c *Commitments) Entries() []LedgerEntry {
 	if c == nil {
 		return out
 	}
-	names := map[CommitKind]string{CommitLoading: "loading", CommitLoaded: "loaded", CommitClaimed: "evicting", CommitEvicted: "evicted"}
+	names := map[CommitKind]string{CommitLoading: "loading", CommitLoaded: "loaded", CommitClaimed: "evicting", CommitEvicted: "evicted", CommitUnconfirmed: "unload_unconfirmed"}
 	for _, node := range slices.Sorted(maps.Keys(c.byNode)) {
 		for _, cm := range c.byNode[node] {
 			out = append(out, LedgerEntry{Node: cm.Node, Model: cm.Model, State: names[cm.Kind], Devices: cm.Devices, PerDeviceMB: cm.PerDeviceMB, At: cm.At})

@@ -29,6 +29,13 @@ const maxErrorBodyShown = 512
 // neuron answers 404: it does not know that model.
 var ErrNotFound = errors.New("model not known to the neuron")
 
+// ErrUnconfirmed is wrapped by the error Load and Unload return when the
+// neuron answered 2xx but not with the status neuron-api.md gives
+// ({"status": "loaded"}, {"status": "unloaded"}): garbage, or an answer from
+// something that is not a neuron. Whether the model was loaded or unloaded
+// is then unknown: a caller must not assume either.
+var ErrUnconfirmed = errors.New("the answer does not confirm the operation")
+
 // StatusError is a non-2xx answer from a neuron.
 type StatusError struct {
 	Node   string // the neuron's configured name
@@ -167,7 +174,7 @@ func (c *Client) Load(ctx context.Context, spec LoadSpec) error {
 	if err != nil {
 		return fmt.Errorf("neuron %q: encoding load spec for %q: %w", c.name, spec.ModelID, err)
 	}
-	_, err = c.do(ctx, http.MethodPost, "/models/load", body)
+	answer, err := c.do(ctx, http.MethodPost, "/models/load", body)
 	var se *StatusError
 	// A concurrent load of the same model (another request, another
 	// gateway, the neuron's own pre-warm) won the race: the model is
@@ -175,7 +182,10 @@ func (c *Client) Load(ctx context.Context, spec LoadSpec) error {
 	if errors.As(err, &se) && se.Status == http.StatusBadRequest && strings.Contains(strings.ToLower(se.Body), "already loaded") {
 		return nil
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	return c.confirm("POST /models/load", answer, "loaded")
 }
 
 // Unload is POST /models/unload. A 404 (the model is not there) wraps
@@ -185,8 +195,24 @@ func (c *Client) Unload(ctx context.Context, modelID string) error {
 	if err != nil {
 		return fmt.Errorf("neuron %q: encoding unload of %q: %w", c.name, modelID, err)
 	}
-	_, err = c.do(ctx, http.MethodPost, "/models/unload", body)
-	return err
+	answer, err := c.do(ctx, http.MethodPost, "/models/unload", body)
+	if err != nil {
+		return err
+	}
+	return c.confirm("POST /models/unload", answer, "unloaded")
+}
+
+// confirm checks a 2xx answer to a load or unload: a JSON object whose
+// "status" is want. Anything else wraps ErrUnconfirmed.
+func (c *Client) confirm(op string, answer []byte, want string) error {
+	var a struct {
+		Status *string `json:"status"`
+	}
+	if err := json.Unmarshal(answer, &a); err == nil && a.Status != nil && *a.Status == want {
+		return nil
+	}
+	return fmt.Errorf("neuron %q: %s: answered 2xx without {\"status\": %q} (the answer starts %q), so whether it took effect is unknown; check that %s is a neuron of a compatible version: %w",
+		c.name, op, want, truncate(string(bytes.TrimSpace(answer)), 40), c.base, ErrUnconfirmed)
 }
 
 // getJSON GETs rawPath (already escaped) and decodes the answer into v,

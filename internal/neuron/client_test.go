@@ -349,6 +349,27 @@ func TestUnload(t *testing.T) {
 	}
 }
 
+// A 2xx that does not say {"status": "loaded"} / {"status": "unloaded"}
+// (garbage, a proxy's page, an empty body) leaves the outcome unknown: it is
+// an error wrapping ErrUnconfirmed, never a success.
+func TestLoadAndUnloadNeedTheirConfirmation(t *testing.T) {
+	for _, body := range []string{`{"this is": not json <html>`, ``, `{}`, `{"status": "queued"}`, `<html>ok</html>`, `{"status": "unloaded"}`} {
+		f := newFakeNeuron(t)
+		f.answer("POST /models/load", 200, body)
+		err := f.client(t).Load(ctxT(t), LoadSpec{ModelID: "m"})
+		if !errors.Is(err, ErrUnconfirmed) || !strings.Contains(err.Error(), `neuron "beast"`) || !strings.Contains(err.Error(), "POST /models/load") {
+			t.Errorf("load answered 200 %q: err = %v, want ErrUnconfirmed naming the neuron and the call", body, err)
+		}
+	}
+	for _, body := range []string{`{"this is": not json <html>`, ``, `{"status": "loaded"}`} {
+		f := newFakeNeuron(t)
+		f.answer("POST /models/unload", 200, body)
+		if err := f.client(t).Unload(ctxT(t), "m"); !errors.Is(err, ErrUnconfirmed) {
+			t.Errorf("unload answered 200 %q: err = %v, want ErrUnconfirmed", body, err)
+		}
+	}
+}
+
 func TestErrorBodyTruncated(t *testing.T) {
 	f := newFakeNeuron(t)
 	f.answer("GET /models", 500, strings.Repeat("x", 100_000))

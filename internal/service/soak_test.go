@@ -126,7 +126,7 @@ type soakStats struct {
 // does not hold the model (404) or serves a different model than the one
 // routed. It must be 0. Run it with
 //
-//	CORTEX_SOAK=1 go test -run TestSoak -v ./service/
+//	CORTEX_SOAK=1 go test -run TestSoak -v ./internal/service/
 //
 // (CORTEX_SOAK_DURATION and CORTEX_SOAK_WORKERS override 60s and 200.)
 func TestSoak(t *testing.T) {
@@ -295,7 +295,7 @@ func TestSoak(t *testing.T) {
 		os.WriteFile(p, []byte(rep.String()), 0o644)
 	}
 	if len(st.misroutes) > 0 {
-		t.Errorf("%d misroutes, e.g. %v", len(st.misroutes), st.misroutes[:min(5, len(st.misroutes))])
+		t.Errorf("%d misroutes, e.g.:\n%s", len(st.misroutes), strings.Join(st.misroutes[:min(10, len(st.misroutes))], "\n"))
 	}
 	if st.errors["protocol error"] > 0 {
 		t.Errorf("%d ext_proc protocol errors", st.errors["protocol error"])
@@ -344,7 +344,7 @@ func soakOne(t *testing.T, h *fxService, upstream *http.Client, byName map[strin
 		case resp.StatusCode == 200 && out.Model != "":
 			inferred = fmt.Sprintf("MISROUTE: %s served %q for a request routed as %q", rep.Node, out.Model, rep.Model)
 		case resp.StatusCode == 404 && out.Error.Code == "model_not_found":
-			inferred = fmt.Sprintf("MISROUTE: %s does not hold %q", rep.Node, rep.Model)
+			inferred = fmt.Sprintf("MISROUTE: %s does not hold %q (cold start %v); the neuron said: %s", rep.Node, rep.Model, rep.ColdStart, bytes.TrimSpace(b))
 		case resp.StatusCode == 200:
 			inferred = "neuron answered garbage (injected fault)"
 		default:

@@ -662,6 +662,13 @@ func (l *Loader) evictAndLoad(ctx context.Context, api neuron.API, p *catalogue.
 			err := api.Unload(uctx, victim)
 			tracing.End(span, err)
 			if err != nil && !errors.Is(err, neuron.ErrNotFound) { // 404: it is gone anyway
+				if unloadOutcomeUnknown(err) {
+					// It may be gone: not routable until listed again.
+					l.ledger.unconfirmed(c.claims[evicted], time.Now())
+					l.log.Warn("unload failed without saying whether the model is gone; not routing to it there until the neuron lists it again",
+						"model", victim, "node", c.Node, "error", err)
+					evicted++
+				}
 				l.callOff(*c, evicted)
 				return &prepError{fmt.Errorf("could not unload %s to make room: %w", victim, err)}
 			}
@@ -771,6 +778,17 @@ func (l *Loader) commitLoaded(f *flight, p *catalogue.Profile, c committed) {
 	if err := l.deps.MarkLoaded(ctx, c.Node, p.ID, c.Spec.Devices, vram); err != nil {
 		l.log.Warn("could not mark the model loaded; requests may wait for the next poll", "model", p.ID, "node", c.Node, "error", err)
 	}
+}
+
+// unloadOutcomeUnknown reports whether a failed unload leaves it unknown
+// whether the model is still there: anything but a 4xx refusal (a timeout,
+// a broken connection, a 5xx, a 2xx that does not confirm it).
+func unloadOutcomeUnknown(err error) bool {
+	var se *neuron.StatusError
+	if errors.As(err, &se) {
+		return se.Status >= 500
+	}
+	return true
 }
 
 // prepError is a failure before POST /models/load: no room could be made

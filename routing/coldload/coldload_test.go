@@ -115,8 +115,6 @@ func (f *fakeNeuron) Health(context.Context) (*neuron.Health, error) {
 	return h, nil
 }
 
-var errUnload = errors.New("neuron: POST /models/unload: 500: busy")
-
 func (f *fakeNeuron) Unload(_ context.Context, id string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -73,6 +73,21 @@ func (l *Ledger) done(id uint64, at time.Time) {
 	l.publish()
 }
 
+// unconfirmed turns an eviction's claim into CommitUnconfirmed as of at:
+// the unload failed without saying whether the model is gone, so it stays
+// unroutable until a /models listing requested after at.
+func (l *Ledger) unconfirmed(id uint64, at time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	c, ok := l.all[id]
+	if !ok || c.Kind != routing.CommitClaimed {
+		return
+	}
+	c.Kind, c.At = routing.CommitUnconfirmed, at
+	l.all[id] = c
+	l.publish()
+}
+
 // drop removes a commitment: a load that failed or was called off, or an
 // eviction that did not happen (the model was never touched, so it is
 // simply routable again, exactly as the neuron last listed it).
@@ -121,7 +136,8 @@ func (l *Ledger) Reconcile(snap *fleet.Snapshot) {
 			l.compareLoaded(n, c)
 			delete(l.all, id)
 			changed = true
-		case c.Kind == routing.CommitEvicted && n.HealthAt.After(c.At) && n.ModelsAt.After(c.At):
+		case c.Kind == routing.CommitEvicted && n.HealthAt.After(c.At) && n.ModelsAt.After(c.At),
+			c.Kind == routing.CommitUnconfirmed && n.ModelsAt.After(c.At):
 			delete(l.all, id)
 			changed = true
 		}
