@@ -548,14 +548,21 @@ func noRoom(p *catalogue.Profile, f *nodeFit, maxEvictions int) string {
 	for _, r := range f.evict {
 		evicted = append(evicted, r.id)
 	}
+	// Free VRAM less the loads in progress there can be below zero (they
+	// were placed on the ledger's estimate); shown as 0, it still reads
+	// as "full".
+	has := make([]int64, len(f.after))
+	for i, v := range f.after {
+		has[i] = max(v, 0)
+	}
 	if f.k == 1 {
-		has := int64(0)
-		if len(f.after) > 0 {
-			has = f.after[0]
+		first := int64(0)
+		if len(has) > 0 {
+			first = has[0]
 		}
-		fmt.Fprintf(&b, "%s: needs %d MB free on one device, has %d MB", f.node.Name, f.need, has)
+		fmt.Fprintf(&b, "%s: needs %d MB free on one device, has %d MB", f.node.Name, f.need, first)
 	} else {
-		fmt.Fprintf(&b, "%s: needs %d MB free on each of %d devices, has %v MB on devices %v", f.node.Name, f.perDev, f.k, f.after, f.devices)
+		fmt.Fprintf(&b, "%s: needs %d MB free on each of %d devices, has %v MB on devices %v", f.node.Name, f.perDev, f.k, has, f.devices)
 	}
 	if len(evicted) > 0 {
 		fmt.Fprintf(&b, " after evicting %v", evicted)

@@ -3,6 +3,7 @@ package routing
 import (
 	"encoding/json"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -313,4 +314,31 @@ func intp(i int) *int       { return &i }
 func specString(s neuron.LoadSpec) string {
 	b, _ := json.Marshal(s)
 	return string(b)
+}
+
+// MakeRoom is placement's eviction step for a plan already made, on the
+// free VRAM the neuron itself reports right before the load: which further
+// residents to evict, least recently used first, or why there is no room.
+// A device the loads in progress overcommitted reads as full, not negative.
+func TestMakeRoom(t *testing.T) {
+	cat := ft.TieredCatalogue()
+	n := ft.Node("beast", ft.GPUs(ft.Dev(ft.A100, 1000)),
+		ft.Res{ID: "r/old", VRAM: 20000}, ft.Res{ID: "r/new", VRAM: 30000}, ft.Res{ID: "org/big", VRAM: 30000})
+	last := map[string]time.Time{"r/old": ft.Epoch, "r/new": ft.Epoch.Add(time.Minute)}
+	st := PlacementState{LastAccess: func(_, model string) time.Time { return last[model] }}
+
+	victims, err := MakeRoom(cat, cat.Profile("org/small"), n, []int{0}, map[int]int64{0: 1000}, nil, st, -1)
+	if err != nil || len(victims) != 1 || victims[0].Model != "r/old" || victims[0].PerDeviceMB != 20000 || !slices.Equal(victims[0].Devices, []int{0}) {
+		t.Fatalf("MakeRoom = %+v, %v; want r/old (least recently used), 20000 MB on device 0", victims, err)
+	}
+
+	noEvictions := st
+	noEvictions.MaxEvictions = -1
+	_, err = MakeRoom(cat, cat.Profile("org/small"), n, []int{0}, map[int]int64{0: -12000}, nil, noEvictions, 0)
+	if err == nil || !strings.Contains(err.Error(), "has 0 MB") || strings.Contains(err.Error(), "-12000") {
+		t.Fatalf("MakeRoom on an overcommitted device: %v; want an error saying it has 0 MB", err)
+	}
+	if !strings.Contains(err.Error(), "eviction is disabled") {
+		t.Errorf("the error should say what stopped it: %v", err)
+	}
 }
