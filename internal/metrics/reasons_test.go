@@ -198,28 +198,36 @@ func cmp(d, def time.Duration) time.Duration {
 	return def
 }
 
+// sendHeaders opens an ext_proc stream and sends a request's headers as
+// Envoy does, with the given body mode; the caller closes the stream.
+func (s *reasonServer) sendHeaders(t *testing.T, ctx context.Context, mode filterv3.ProcessingMode_BodySendMode, bodiless bool, kv ...[2]string) extprocv3.ExternalProcessor_ProcessClient {
+	t.Helper()
+	st, err := s.client.Process(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &corev3.HeaderMap{}
+	for _, h := range kv {
+		hs.Headers = append(hs.Headers, &corev3.HeaderValue{Key: h[0], RawValue: []byte(h[1])})
+	}
+	if err := st.Send(&extprocv3.ProcessingRequest{
+		Request:        &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: hs, EndOfStream: bodiless}},
+		ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: mode},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
 // post plays Envoy for one request and returns the HTTP status the client
 // gets (200 when routed) and Retry-After.
 func (s *reasonServer) post(t *testing.T, body string) (int, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	st, err := s.client.Process(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := s.sendHeaders(t, ctx, filterv3.ProcessingMode_BUFFERED, false, [2]string{":method", "POST"}, [2]string{":path", "/v1/chat/completions"},
+		[2]string{"content-type", "application/json"}, [2]string{"content-length", strconv.Itoa(len(body))}, [2]string{"x-request-id", "reason-test"})
 	defer st.CloseSend()
-	hs := &corev3.HeaderMap{}
-	for _, kv := range [][2]string{{":method", "POST"}, {":path", "/v1/chat/completions"}, {"content-type", "application/json"},
-		{"content-length", strconv.Itoa(len(body))}, {"x-request-id", "reason-test"}} {
-		hs.Headers = append(hs.Headers, &corev3.HeaderValue{Key: kv[0], RawValue: []byte(kv[1])})
-	}
-	if err := st.Send(&extprocv3.ProcessingRequest{
-		Request:        &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: hs}},
-		ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: filterv3.ProcessingMode_BUFFERED},
-	}); err != nil {
-		t.Fatal(err)
-	}
 	if _, err := st.Recv(); err != nil {
 		t.Fatal(err)
 	}
@@ -255,21 +263,8 @@ func (s *reasonServer) refusedAtHeaders(t *testing.T, method, path string, mode 
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	st, err := s.client.Process(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := s.sendHeaders(t, ctx, mode, bodiless, [2]string{":method", method}, [2]string{":path", path}, [2]string{"x-request-id", "refused-test"})
 	defer st.CloseSend()
-	hs := &corev3.HeaderMap{}
-	for _, kv := range [][2]string{{":method", method}, {":path", path}, {"x-request-id", "refused-test"}} {
-		hs.Headers = append(hs.Headers, &corev3.HeaderValue{Key: kv[0], RawValue: []byte(kv[1])})
-	}
-	if err := st.Send(&extprocv3.ProcessingRequest{
-		Request:        &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: hs, EndOfStream: bodiless}},
-		ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: mode},
-	}); err != nil {
-		t.Fatal(err)
-	}
 	r, err := st.Recv()
 	if err != nil {
 		t.Fatal(err)
@@ -283,24 +278,20 @@ func (s *reasonServer) refusedAtHeaders(t *testing.T, method, path string, mode 
 
 // requests is requests_total summed over its labels.
 func (s *reasonServer) requests(t *testing.T) float64 {
-	t.Helper()
-	fams, err := s.m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
 	n := 0.0
-	for _, f := range fams {
-		if f.GetName() == "cortex_extproc_requests_total" {
-			for _, mt := range f.GetMetric() {
-				n += mt.GetCounter().GetValue()
-			}
-		}
+	for _, v := range s.counter(t, "cortex_extproc_requests_total", "outcome") {
+		n += v
 	}
 	return n
 }
 
 // reasons is request_errors_total by reason.
 func (s *reasonServer) reasons(t *testing.T) map[string]float64 {
+	return s.counter(t, "cortex_extproc_request_errors_total", "reason")
+}
+
+// counter sums the counter name by the values of label.
+func (s *reasonServer) counter(t *testing.T, name, label string) map[string]float64 {
 	t.Helper()
 	fams, err := s.m.Registry.Gather()
 	if err != nil {
@@ -308,12 +299,12 @@ func (s *reasonServer) reasons(t *testing.T) map[string]float64 {
 	}
 	out := map[string]float64{}
 	for _, f := range fams {
-		if f.GetName() != "cortex_extproc_request_errors_total" {
+		if f.GetName() != name {
 			continue
 		}
 		for _, mt := range f.GetMetric() {
 			for _, l := range mt.GetLabel() {
-				if l.GetName() == "reason" {
+				if l.GetName() == label {
 					out[l.GetValue()] += mt.GetCounter().GetValue()
 				}
 			}
