@@ -119,8 +119,9 @@ type Options struct {
 	// upstream failed the way a dead neuron fails: Envoy answered it
 	// itself (how FailedLocalReply, status its 502/503/504), or its
 	// stream ended before any response headers (FailedNoResponse, status
-	// 0). See upstreamfail.go. Called on the stream's goroutine: it must
-	// not block.
+	// 0); or whose neuron answered 404, not holding the model
+	// (FailedModelMissing). See upstreamfail.go. Called on the stream's
+	// goroutine: it must not block.
 	UpstreamFailed func(node, model string, status int, how string)
 }
 

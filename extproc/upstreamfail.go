@@ -38,6 +38,14 @@ import (
 // without a date header is Envoy's. A neuron that sent none would only
 // cost a re-poll that answers.
 
+// A neuron's own 404 to a routed inference request says something else:
+// the neuron is there but does not hold the model (it restarted, or the
+// model was unloaded behind cortex-extproc's back), so the fleet view is
+// stale. That is reported too (FailedModelMissing): the re-poll answers and
+// replaces the listing, and the next request for the model is routed to a
+// replica that has it or cold-loads it, instead of meeting the same 404
+// until the next poll round.
+
 // How a routed request's upstream failed (Options.UpstreamFailed).
 const (
 	// FailedLocalReply: the response headers are Envoy's own 502/503/504.
@@ -46,12 +54,17 @@ const (
 	// the request was routed (Envoy ≥ 1.34 keeps its local replies from
 	// ext_proc; a client that hangs up before the answer looks the same).
 	FailedNoResponse = "no_response_headers"
+	// FailedModelMissing: the neuron itself answered 404 (with its Date
+	// header): it does not hold the model it was routed for.
+	FailedModelMissing = "model_missing"
 )
 
-// envoyFailure reports whether response headers are Envoy's own answer to
-// an upstream failure, and their status. It reads the headers without
-// copying them (every routed request's answer comes through here).
-func envoyFailure(h *extprocv3.HttpHeaders) (status int, ok bool) {
+// upstreamFailure classifies response headers: Envoy's own answer to an
+// upstream failure (FailedLocalReply), the neuron's own 404
+// (FailedModelMissing), or neither (""), with their status. It reads the
+// headers without copying them (every routed request's answer comes
+// through here).
+func upstreamFailure(h *extprocv3.HttpHeaders) (status int, how string) {
 	dated := false
 	for _, kv := range h.GetHeaders().GetHeaders() {
 		switch kv.GetKey() {
@@ -61,7 +74,13 @@ func envoyFailure(h *extprocv3.HttpHeaders) (status int, ok bool) {
 			dated = true
 		}
 	}
-	return status, !dated && (status == 502 || status == 503 || status == 504)
+	switch {
+	case !dated && (status == 502 || status == 503 || status == 504):
+		return status, FailedLocalReply
+	case dated && status == 404:
+		return status, FailedModelMissing
+	}
+	return status, ""
 }
 
 // statusCode parses a three-digit :status; anything else is 0.
@@ -88,8 +107,8 @@ func (st *stream) upstreamAnswered(h *extprocv3.HttpHeaders) {
 	if !routed || f == nil {
 		return
 	}
-	if status, ok := envoyFailure(h); ok {
-		f(st.target.Node, st.target.Model, status, FailedLocalReply)
+	if status, how := upstreamFailure(h); how != "" {
+		f(st.target.Node, st.target.Model, status, how)
 	}
 }
 

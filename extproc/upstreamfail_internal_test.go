@@ -15,36 +15,40 @@ func headersOf(kv ...string) *extprocv3.HttpHeaders {
 	return &extprocv3.HttpHeaders{Headers: hs}
 }
 
-// Every routed request's answer is read by envoyFailure: it must not
+// Every routed request's answer is read by upstreamFailure: it must not
 // allocate.
-func TestEnvoyFailureDoesNotAllocate(t *testing.T) {
+func TestUpstreamFailureDoesNotAllocate(t *testing.T) {
 	upstream := headersOf(":status", "200", "content-type", "text/event-stream", "date", "Mon, 02 Mar 2026 10:00:00 GMT",
 		"x-neuron-name", "beast", "transfer-encoding", "chunked")
-	if allocs := testing.AllocsPerRun(100, func() { envoyFailure(upstream) }); allocs != 0 {
-		t.Errorf("envoyFailure allocates %v times per answer", allocs)
+	if allocs := testing.AllocsPerRun(100, func() { upstreamFailure(upstream) }); allocs != 0 {
+		t.Errorf("upstreamFailure allocates %v times per answer", allocs)
 	}
 }
 
-func TestEnvoyFailureRule(t *testing.T) {
+func TestUpstreamFailureRule(t *testing.T) {
+	const date = "Mon, 02 Mar 2026 10:00:00 GMT"
 	for _, c := range []struct {
 		name   string
 		h      *extprocv3.HttpHeaders
 		status int
-		ok     bool
+		how    string
 	}{
-		{"Envoy's 503", headersOf(":status", "503", "content-type", "text/plain"), 503, true},
-		{"Envoy's 502", headersOf(":status", "502"), 502, true},
-		{"Envoy's 504", headersOf(":status", "504", "content-type", "application/json"), 504, true},
-		{"a neuron's 503", headersOf(":status", "503", "date", "Mon, 02 Mar 2026 10:00:00 GMT"), 503, false},
-		{"Envoy's 500 (ext_proc)", headersOf(":status", "500"), 500, false},
-		{"Envoy's 404", headersOf(":status", "404"), 404, false},
-		{"no status", headersOf("content-type", "text/plain"), 0, false},
-		{"garbled status", headersOf(":status", "5o3"), 0, false},
-		{"long status", headersOf(":status", "5030"), 0, false},
+		{"Envoy's 503", headersOf(":status", "503", "content-type", "text/plain"), 503, FailedLocalReply},
+		{"Envoy's 502", headersOf(":status", "502"), 502, FailedLocalReply},
+		{"Envoy's 504", headersOf(":status", "504", "content-type", "application/json"), 504, FailedLocalReply},
+		{"a neuron's 503", headersOf(":status", "503", "date", date), 503, ""},
+		{"a neuron's 404 (it does not hold the model)", headersOf(":status", "404", "content-type", "application/json", "date", date), 404, FailedModelMissing},
+		{"a neuron's 200", headersOf(":status", "200", "date", date), 200, ""},
+		{"a neuron's 400", headersOf(":status", "400", "date", date), 400, ""},
+		{"Envoy's 500 (ext_proc)", headersOf(":status", "500"), 500, ""},
+		{"Envoy's 404 (no route)", headersOf(":status", "404"), 404, ""},
+		{"no status", headersOf("content-type", "text/plain"), 0, ""},
+		{"garbled status", headersOf(":status", "5o3"), 0, ""},
+		{"long status", headersOf(":status", "5030"), 0, ""},
 	} {
-		status, ok := envoyFailure(c.h)
-		if status != c.status || ok != c.ok {
-			t.Errorf("%s: (%d, %v), want (%d, %v)", c.name, status, ok, c.status, c.ok)
+		status, how := upstreamFailure(c.h)
+		if status != c.status || how != c.how {
+			t.Errorf("%s: (%d, %q), want (%d, %q)", c.name, status, how, c.status, c.how)
 		}
 	}
 }

@@ -124,7 +124,8 @@ func TestEnvoyLocalReplyIsReported(t *testing.T) {
 }
 
 // A neuron's own answers, errors included, are not Envoy's: a full queue
-// (503 with Retry-After) must not make the node suspect.
+// (503 with Retry-After) must not make the node suspect. Its 404 alone is
+// reported, as model_missing: it does not hold the model it was routed for.
 func TestNeuronAnswersAreNotReported(t *testing.T) {
 	h, f := failureHarness(t, nil)
 	for _, status := range []int{200, 400, 404, 500, 502, 503, 504} {
@@ -133,9 +134,10 @@ func TestNeuronAnswersAreNotReported(t *testing.T) {
 	// Envoy's replies that are not about the upstream's reachability.
 	play(t, h, "helexa/q", envoyLocalReply(500, "text/plain"))
 	play(t, h, "helexa/q", envoyLocalReply(413, "text/plain"))
-	play(t, h, "helexa/q", respHeaders()) // 200, no date: not a failure status
-	if got := f.get(); len(got) != 0 {
-		t.Errorf("UpstreamFailed calls %q, want none", got)
+	play(t, h, "helexa/q", envoyLocalReply(404, "text/plain")) // no route: Envoy's, not the neuron's
+	play(t, h, "helexa/q", respHeaders())                      // 200, no date: not a failure status
+	if got, want := f.get(), []string{"rig2 Qwen/Q 404 model_missing"}; !slices.Equal(got, want) {
+		t.Errorf("UpstreamFailed calls %q, want %q", got, want)
 	}
 }
 

@@ -106,7 +106,7 @@ func New() *Metrics {
 		NeuronPollFailure: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "neuron_poll_failures_total",
 			Help: "Failed /models polls per neuron."}, []string{"node"}),
 		SuspectSignals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "neuron_suspect_signals_total",
-			Help: "Routed requests whose upstream failed as if the neuron were gone, by node and signal (envoy_local_reply: Envoy answered 502/503/504 itself; no_response_headers: the ext_proc stream ended before the answer). Each asks for a re-poll of the node."},
+			Help: "Routed requests whose upstream failed as if the neuron were gone or its listing stale, by node and signal (envoy_local_reply: Envoy answered 502/503/504 itself; no_response_headers: the ext_proc stream ended before the answer; model_missing: the neuron answered 404, it no longer holds the model). Each asks for a re-poll of the node."},
 			[]string{"node", "signal"}),
 		FastUnhealthy: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "neuron_fast_unhealthy_total",
 			Help: "Neurons marked unhealthy at once because the re-poll after a failed request failed, without waiting for failure_threshold polls."},

@@ -447,3 +447,70 @@ func TestSuspectNeuronIsAvoidedWhileItsRepollRuns(t *testing.T) {
 		t.Errorf("b got %d loads; it held the model all along", got)
 	}
 }
+
+// A neuron that no longer holds a model cortex-extproc routes to (it
+// restarted, or someone unloaded the model behind its back) answers 404.
+// That answer makes the node's listing stale, so the node is re-polled at
+// once (it stays healthy) and the next request for the model is cold-loaded
+// instead of meeting the same 404 until the next poll round, an hour away
+// here. Repeated: the model comes and goes several times (within a second
+// of the previous re-poll, fleet.DefaultSuspectGap, it takes a few 404s,
+// as clients retrying would send them).
+func TestModelUnloadedBehindOurBackIsNoticedAtOnce(t *testing.T) {
+	fxLeakCheck(t)
+	a := fxStartNeuron(t, "a", "Org/Warm")
+	h := fxStart(t, dnConfig(t, a))
+	for round := range 5 {
+		fxWantRouted(t, h.route(t, "fx/warm"), "a", "Org/Warm")
+
+		// Unloaded behind our back.
+		resp, err := http.Post(a.srv.URL+"/models/unload", "application/json", strings.NewReader(`{"model_id":"Org/Warm"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("unload: %d", resp.StatusCode)
+		}
+		// What a request routed on the stale view meets: the neuron's own 404.
+		resp, err = http.Post(a.srv.URL+"/v1/chat/completions", "application/json", strings.NewReader(string(fxChat("Org/Warm"))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 404 {
+			t.Fatalf("round %d: the neuron answered %d for an unloaded model, want its 404", round, resp.StatusCode)
+		}
+		missing := dnFromHTTP(resp)
+
+		stale := 0
+		fxEventually(t, "Org/Warm cold-loaded again after the neuron's 404", func() bool {
+			r := dnRouteThen(t, h, "fx/warm", func(r fxReply) *extprocv3.ProcessingRequest {
+				if r.ColdStart {
+					return dnHeaders(":status", "200", "date", "Fri, 04 Dec 2026 09:00:00 GMT")
+				}
+				return missing
+			})
+			if r.Status != 200 || r.Node != "a" {
+				t.Fatalf("round %d: %s; want routed to a", round, r)
+			}
+			if !r.ColdStart {
+				stale++
+			}
+			return r.ColdStart
+		})
+		if stale == 0 {
+			t.Fatalf("round %d: no request met the stale view; the test proves nothing", round)
+		}
+		if !h.nodeHealthy(t, "a") {
+			t.Fatalf("round %d: a answered its re-poll but was taken out", round)
+		}
+	}
+	if got := h.metric(t, "cortex_extproc_neuron_suspect_signals_total", "node", "a", "signal", "model_missing"); got < 5 {
+		t.Errorf("neuron_suspect_signals_total{a, model_missing} = %v, want at least one per round (5)", got)
+	}
+	if got := h.metric(t, "cortex_extproc_neuron_fast_unhealthy_total", "node", "a"); got != 0 {
+		t.Errorf("neuron_fast_unhealthy_total{a} = %v, want 0: the neuron answered", got)
+	}
+}
