@@ -84,18 +84,28 @@ func (f *fakeAPI) Discovery(ctx context.Context) (*neuron.Discovery, error) {
 	return &d, nil
 }
 
+// passGate, when gate is set, signals entered and waits for a value on
+// gate or for ctx.
+func passGate(ctx context.Context, gate, entered chan struct{}) error {
+	if gate == nil {
+		return nil
+	}
+	entered <- struct{}{}
+	select {
+	case <-gate:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 func (f *fakeAPI) Models(ctx context.Context) ([]neuron.Model, error) {
 	f.mu.Lock()
 	f.calls["models"]++
 	gate, entered := f.modelsGate, f.modelsEntered
 	f.mu.Unlock()
-	if gate != nil {
-		entered <- struct{}{}
-		select {
-		case <-gate:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if err := passGate(ctx, gate, entered); err != nil {
+		return nil, err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -111,13 +121,8 @@ func (f *fakeAPI) Health(ctx context.Context) (*neuron.Health, error) {
 	f.mu.Lock()
 	gate, entered := f.healthGate, f.healthEntered
 	f.mu.Unlock()
-	if gate != nil {
-		entered <- struct{}{}
-		select {
-		case <-gate:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if err := passGate(ctx, gate, entered); err != nil {
+		return nil, err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -133,13 +138,8 @@ func (f *fakeAPI) Endpoint(ctx context.Context, id string) (string, error) {
 	f.mu.Lock()
 	gate, entered := f.endpointGate, f.endpointEntered
 	f.mu.Unlock()
-	if gate != nil {
-		entered <- struct{}{}
-		select {
-		case <-gate:
-		case <-ctx.Done():
-			return "", ctx.Err()
-		}
+	if err := passGate(ctx, gate, entered); err != nil {
+		return "", err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
