@@ -257,7 +257,7 @@ func (s *Server) Process(g extprocv3.ExternalProcessor_ProcessServer) error {
 		}
 		resp, err := st.handle(ctx, msg)
 		if err == nil && resp == nil && st.encodeErr != nil {
-			err = status.Errorf(codes.Internal, "cortex-extproc could not encode its reply: %v", st.encodeErr)
+			err = status.Errorf(codes.Internal, "cortex-extproc could not encode its reply to Envoy (%v); this is a bug: please report it with the request that caused it", st.encodeErr)
 		}
 		if err == nil && resp != nil {
 			err = g.SendMsg(resp)
